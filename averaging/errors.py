@@ -1,0 +1,42 @@
+"""Exceptions raised by swarmtrain.
+
+    SwarmError                      base class: everything swarmtrain raises on purpose
+    ├── AveragingError              a sync round could not be completed (the caller retries)
+    │   ├── MatchmakingError        no usable group: leader gone, group closed, timeouts
+    │   └── AllReduceError          the transfer failed or its result failed verification
+    ├── StateError                  a model state (checkpoint or download) is unusable
+    │   └── ModelMismatchError      the model's parameter schema differs from the swarm's
+    └── NetworkError                the DHT could not be started or reached
+
+Configuration errors are ValueErrors (see peer.configlib.ConfigError), so that
+`__post_init__` validation reads like ordinary Python.
+"""
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Base class of every error swarmtrain raises deliberately."""
+
+
+class AveragingError(SwarmError):
+    """A sync round failed. Parameters are left exactly as they were before the round."""
+
+
+class MatchmakingError(AveragingError):
+    """No group could be formed or joined for this round."""
+
+
+class AllReduceError(AveragingError):
+    """The all-reduce failed, timed out, or produced a result that failed verification."""
+
+
+class StateError(SwarmError):
+    """A model state (checkpoint file or downloaded state) cannot be used."""
+
+
+class ModelMismatchError(StateError):
+    """The local model's parameter schema (names, shapes, dtypes) differs from the swarm's."""
+
+
+class NetworkError(SwarmError):
+    """The DHT could not be started, or none of the initial peers answered."""

@@ -1,0 +1,264 @@
+"""Matchmaking: peers at the same sync round agree on a group, with no fixed coordinator.
+
+Protocol, for round r (every peer runs the same code):
+1. Declare: store (host, port, arrival time t, nonce) in the DHT under mm.<fingerprint>.<r>.
+   The fingerprint is the model schema's hash, so incompatible models never meet.
+2. Elect: the leader is the candidate with the smallest (t, peer_id): the earliest
+   arrival. Later arrivals therefore always pick a peer that is already waiting, and the
+   choice is the same on every peer that sees the same records.
+3. Join: a follower connects to the leader's TCPStore (every peer runs one), takes a slot
+   with an atomic counter, and writes its id into it. The leader closes the group once
+   every expected peer has joined, or when its window ends, and publishes the member list.
+4. Race repair: two peers arriving together may both think they are first (the DHT is
+   eventually consistent). A leader that later sees an earlier candidate dissolves its
+   group by publishing a redirect; its followers, and itself, follow the earlier leader.
+   Redirects only ever point to a strictly earlier (t, id), so this terminates.
+
+The group's leader then hosts the rendezvous for the round's gloo process group, so a
+different peer coordinates each round and none is special.
+
+Failure behaviour: every wait is bounded by the window plus `join_timeout`. A leader that
+is unreachable or silent is excluded and the election is rerun. If no group of at least
+`min_group_size` forms before the window ends, `form_group` raises MatchmakingError and
+the caller keeps training and retries later.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable
+
+from torch.distributed import Store, TCPStore
+
+from .dht import SwarmDHT, dht_time
+from .errors import MatchmakingError
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05  # how often a leader checks its join counter
+_RESCAN_S = 0.5  # how often a leader re-reads the DHT (for earlier candidates and expected size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatchmakingConfig:
+    """How groups are formed at a sync point."""
+
+    # A group needs at least this many peers (including self) to average.
+    min_group_size: int = 2
+    # Groups are capped at this size; beyond it, peers form further groups.
+    max_group_size: int = 64
+    # Longest a peer waits at a sync point for others to arrive, in seconds.
+    window: float = 10.0
+    # Timeout for connecting to a leader and reading its replies, in seconds.
+    join_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.min_group_size < 1:
+            raise ValueError(f"min_group_size must be >= 1, got {self.min_group_size}")
+        if self.max_group_size < self.min_group_size:
+            raise ValueError(f"max_group_size ({self.max_group_size}) must be >= min_group_size ({self.min_group_size})")
+        if not self.window > 0:
+            raise ValueError(f"matchmaking window must be > 0, got {self.window}")
+        if not self.join_timeout > 0:
+            raise ValueError(f"join_timeout must be > 0, got {self.join_timeout}")
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """A peer's declaration for one round. Ordering = election order (earliest first)."""
+
+    t: float
+    peer_id: str
+    host: str = field(compare=False)
+    port: int = field(compare=False)
+    nonce: str = field(compare=False)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"t": self.t, "host": self.host, "port": self.port, "nonce": self.nonce}
+
+    @classmethod
+    def from_record(cls, peer_id: str, rec: Any) -> "Candidate | None":
+        """Parse an untrusted DHT record; None if malformed."""
+        if not isinstance(rec, dict):
+            return None
+        t, host, port, nonce = rec.get("t"), rec.get("host"), rec.get("port"), rec.get("nonce")
+        if not (isinstance(t, (int, float)) and isinstance(host, str) and isinstance(nonce, str)):
+            return None
+        if not (isinstance(port, int) and 0 < port < 65536 and 0 < len(host) <= 255 and 0 < len(nonce) <= 64):
+            return None
+        return cls(float(t), peer_id, host, port, nonce)
+
+
+@dataclass(frozen=True)
+class Group:
+    """The outcome of matchmaking: who averages together this round, and where they meet."""
+
+    round: int
+    members: tuple[str, ...]  # peer ids in rank order; the leader is rank 0
+    rank: int  # this peer's rank
+    prefix: str  # store namespace unique to this group
+    store: Store = field(compare=False, repr=False)  # the leader's store (a client for followers)
+    leader: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+class _Redirect(Exception):
+    def __init__(self, target: Candidate) -> None:
+        self.target = target
+
+
+class Matchmaker:
+    """Forms groups for sync rounds. Owns a TCPStore server that it serves as a leader.
+
+    Lifecycle: construct, call `form_group` once per sync attempt, `close()` at the end.
+    """
+
+    def __init__(self, dht: SwarmDHT, *, listen_host: str, announce_host: str, cfg: MatchmakingConfig) -> None:
+        self.dht = dht
+        self.cfg = cfg
+        self.announce_host = announce_host
+        # A TCPStore master is a small C++ server thread; port 0 lets the OS pick a port.
+        self._server = TCPStore(
+            listen_host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=cfg.join_timeout)
+        )
+        self.port: int = self._server.port
+
+    def close(self) -> None:
+        """Stop serving as a leader. Idempotent."""
+        self._server = None  # type: ignore[assignment]  # the C++ server stops when released
+
+    # ---------------------------------------------------------------- public
+    def form_group(self, round_: int, fingerprint: str, expected_size: Callable[[], int]) -> Group:
+        """Meet the other peers at `round_` and return the agreed group.
+
+        `expected_size()` returns how many live peers are expected at this round (self
+        included); the leader stops waiting once that many have joined.
+
+        Failure: raises MatchmakingError within `window + join_timeout` seconds if no group
+        of at least `min_group_size` peers forms.
+        """
+        key = f"mm.{fingerprint}.{round_}"
+        me = Candidate(dht_time(), self.dht.peer_id, self.announce_host, self.port, uuid.uuid4().hex[:16])
+        deadline = time.monotonic() + self.cfg.window
+        self.dht.put(key, me.peer_id, me.to_record(), ttl=self.cfg.window + 2 * self.cfg.join_timeout)
+        excluded: set[str] = set()
+        hint: Candidate | None = None  # a redirect target we may not see in the DHT yet
+        last_error = "no other peer arrived"
+        while time.monotonic() < deadline:
+            cands = {c.peer_id: c for c in self._candidates(key)}
+            cands[me.peer_id] = me
+            if hint is not None:
+                cands.setdefault(hint.peer_id, hint)
+            live = [c for pid, c in cands.items() if pid not in excluded or pid == me.peer_id]
+            leader = min(live)
+            try:
+                if leader.peer_id == me.peer_id:
+                    return self._lead(round_, key, me, expected_size, deadline, excluded)
+                return self._follow(round_, leader, me, deadline)
+            except _Redirect as r:
+                hint = r.target
+                last_error = f"redirected to {r.target.peer_id[-8:]}"
+            except _Unreachable as u:
+                excluded.add(leader.peer_id)
+                last_error = str(u)
+        raise MatchmakingError(f"no group formed for round {round_} within {self.cfg.window:.0f}s ({last_error})")
+
+    # ---------------------------------------------------------------- roles
+    def _candidates(self, key: str) -> list[Candidate]:
+        out = []
+        for pid, rec in self.dht.get_all(key).items():
+            c = Candidate.from_record(pid, rec)
+            if c is not None:
+                out.append(c)
+        return out
+
+    def _lead(
+        self, round_: int, key: str, me: Candidate, expected_size: Callable[[], int], deadline: float, excluded: set[str]
+    ) -> Group:
+        """Wait for joins, then publish the member list (or a redirect to an earlier leader)."""
+        store = self._server
+        prefix = f"{round_}/{me.nonce}/"
+        expected = max(1, expected_size())
+        next_scan = time.monotonic() + _RESCAN_S
+        while True:
+            joined = store.add(prefix + "n", 0)
+            target = min(expected, self.cfg.max_group_size)
+            if joined + 1 >= target and joined + 1 >= self.cfg.min_group_size:
+                break
+            if time.monotonic() >= deadline:
+                break
+            if time.monotonic() >= next_scan:
+                next_scan = time.monotonic() + _RESCAN_S
+                expected = max(1, expected_size())
+                earlier = [c for c in self._candidates(key) if c < me and c.peer_id not in excluded]
+                if earlier:
+                    # Two leaders raced; the earlier one wins. Tell our followers where to go.
+                    target_c = min(earlier)
+                    store.set(prefix + "members", json.dumps({"redirect": {"peer_id": target_c.peer_id, **target_c.to_record()}}))
+                    raise _Redirect(target_c)
+            time.sleep(_POLL_S)
+
+        # Close: later joiners will find themselves missing from the list and retry later.
+        n = store.add(prefix + "n", 0)
+        members = [me.peer_id]
+        for slot in range(1, min(n, self.cfg.max_group_size - 1) + 1):
+            try:
+                store.wait([f"{prefix}slot/{slot}"], timedelta(seconds=self.cfg.join_timeout))
+                rec = json.loads(store.get(f"{prefix}slot/{slot}"))
+            except (RuntimeError, ValueError) as e:  # joiner died between add() and set()
+                log.debug("slot %d of round %d unusable: %s", slot, round_, e)
+                continue
+            pid = rec.get("peer_id") if isinstance(rec, dict) else None
+            if isinstance(pid, str) and pid not in members:
+                members.append(pid)
+        if len(members) < self.cfg.min_group_size:
+            store.set(prefix + "members", json.dumps({"closed": "too few peers"}))
+            raise MatchmakingError(
+                f"round {round_}: only {len(members)} peer(s) arrived within {self.cfg.window:.0f}s "
+                f"(need {self.cfg.min_group_size})"
+            )
+        store.set(prefix + "members", json.dumps({"members": members}))
+        log.debug("round %d: leading group of %d", round_, len(members))
+        return Group(round_, tuple(members), 0, prefix, store, leader=me.peer_id)
+
+    def _follow(self, round_: int, leader: Candidate, me: Candidate, deadline: float) -> Group:
+        """Join `leader`'s group; return it, or raise _Redirect / _Unreachable / MatchmakingError."""
+        prefix = f"{round_}/{leader.nonce}/"
+        timeout = timedelta(seconds=self.cfg.join_timeout)
+        try:
+            store = TCPStore(leader.host, leader.port, is_master=False, timeout=timeout)
+            slot = store.add(prefix + "n", 1)
+            store.set(f"{prefix}slot/{slot}", json.dumps({"peer_id": me.peer_id}))
+        except RuntimeError as e:  # torch raises DistStoreError / DistNetworkError, both RuntimeErrors
+            raise _Unreachable(f"leader {leader.peer_id[-8:]} at {leader.host}:{leader.port} unreachable: {e}") from e
+        # The leader closes at the latest at its own arrival + window; allow for clock skew.
+        wait_s = max(self.cfg.join_timeout, leader.t + self.cfg.window - dht_time() + self.cfg.join_timeout)
+        try:
+            store.wait([prefix + "members"], timedelta(seconds=wait_s))
+            reply = json.loads(store.get(prefix + "members"))
+        except (RuntimeError, ValueError) as e:
+            raise _Unreachable(f"leader {leader.peer_id[-8:]} did not close its group: {e}") from e
+        if isinstance(reply, dict) and isinstance(reply.get("redirect"), dict):
+            r = reply["redirect"]
+            target = Candidate.from_record(str(r.get("peer_id", "")), r)
+            if target is None or not target < leader:
+                raise _Unreachable(f"leader {leader.peer_id[-8:]} sent an invalid redirect")
+            raise _Redirect(target)
+        members = reply.get("members") if isinstance(reply, dict) else None
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            reason = reply.get("closed", "malformed member list") if isinstance(reply, dict) else "malformed reply"
+            raise MatchmakingError(f"round {round_}: leader {leader.peer_id[-8:]} closed its group: {reason}")
+        if me.peer_id not in members:
+            raise MatchmakingError(f"round {round_}: arrived after the group of {leader.peer_id[-8:]} closed")
+        return Group(round_, tuple(members), members.index(me.peer_id), prefix, store, leader=leader.peer_id)
+
+
+class _Unreachable(Exception):
+    """The chosen leader cannot be used; exclude it and elect again."""

@@ -1,0 +1,53 @@
+"""`swarm-bootstrap`: run an entry node for a swarm. Thin: parse, build, run, close."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from averaging.errors import SwarmError
+from peer import configlib
+from peer.cli import OneLineParser
+
+from .node import BootstrapConfig, BootstrapNode
+
+
+def parse(argv: list[str] | None) -> BootstrapConfig:
+    p = OneLineParser(prog="swarm-bootstrap", description="Run a swarmtrain bootstrap node.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="TOML file with these same keys (flags override it)")
+    configlib.add_arguments(p, BootstrapConfig)
+    ns = p.parse_args(argv)
+    return configlib.load(BootstrapConfig, path=ns.config, cli_overrides=configlib.overrides_from_namespace(ns, BootstrapConfig))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("hivemind").setLevel(logging.WARNING)
+    try:
+        cfg = parse(argv)
+    except (configlib.ConfigError, ValueError) as e:
+        print(f"swarm-bootstrap: error: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    node = BootstrapNode(cfg)
+    try:
+        maddrs = node.start()
+        print("Bootstrap node is up. Its addresses:", *(f"  {m}" for m in maddrs), sep="\n")
+        print(f"Join the run with:\n  {node.join_command(maddrs)}", flush=True)
+        node.serve(stop)
+    except SwarmError as e:
+        print(f"swarm-bootstrap: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        node.close()
+    print("bootstrap node stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""`Peer`: bring any torch.nn.Module into a swarm.
+
+    model = MyModel()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Peer(model, opt, PeerConfig(swarm=SwarmConfig(initial_peers=[ADDR]))) as peer:
+        for x, y in loader:
+            loss = loss_fn(model(x.to(peer.device)), y.to(peer.device))
+            peer.step(loss, samples=len(x))   # backward, inner step, and a sync when due
+
+A sync round (DiLoCo): Δ = θ_sync − θ_local is averaged over the group, weighted by
+samples; the outer Nesterov step gives the new θ_sync, identical on every member, and
+the model's parameters are reset to it. A failed round changes nothing: the peer keeps
+training and retries. θ_sync and the outer momentum live on the CPU in fp32.
+
+Agreement: the DHT record of every peer carries the sha256 of its θ_sync. Peers only
+meet peers with the same model fingerprint, round and θ_sync digest, so a stale or
+diverged peer can never pollute a group. When a peer finds it is behind (or disagrees
+with the majority at its round), it downloads the swarm's state and continues from there.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from averaging.allreduce import RoundResult
+from averaging.averager import Averager
+from averaging.dht import SwarmDHT
+from averaging.errors import ModelMismatchError, StateError
+from averaging.flat import describe_schema, flatten_params, parameter_schema, schema_fingerprint, tensor_digest, write_flat_
+from averaging.outer import OuterOptimizer
+
+from .config import PeerConfig
+from .membership import Announcer, PeerRecord, live_peers
+from .schedule import SyncSchedule
+from .state import CheckpointDir, SwarmState
+from .transfer import StateServer, download_state
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class Peer:
+    """A training node in a swarm. Construct to join; `close()` (or `with`) to leave.
+
+    Failure behaviour of the constructor: raises NetworkError if the swarm cannot be
+    reached, ModelMismatchError if live peers train a different architecture, and
+    StateError if a checkpoint to resume from is unusable. Nothing is left running then.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, config: PeerConfig | None = None) -> None:
+        self.config = config or PeerConfig()
+        self.model = model
+        self.optimizer = optimizer
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters")
+        self._params = [p for _, p in named]
+        self.schema = parameter_schema(named)
+        self.fingerprint = schema_fingerprint(self.schema)
+        self.device = self._params[0].device
+        self.outer = OuterOptimizer(flatten_params(self._params).cpu(), self.config.sync.outer())
+        self.schedule = SyncSchedule(self.config.sync.every_steps, self.config.sync.every_seconds)
+        self.round = 0
+        self.local_step = 0
+        self.samples_since_sync = 0
+        self.total_samples = 0
+        self.rounds_failed = 0
+        self.bytes_sent = 0
+        self.history: list[RoundResult] = []
+        self.last_loss: float | None = None
+        self._loss_t: torch.Tensor | None = None
+        self._closed = False
+        self._dht: SwarmDHT | None = None
+        self._averager: Averager | None = None
+        self._announcer: Announcer | None = None
+        self._server: StateServer | None = None
+        self._ckpt = CheckpointDir(self.config.checkpoint.dir, self.config.checkpoint.keep_last) if self.config.checkpoint.dir else None
+        self._set_state(SwarmState(0, self.fingerprint, self.outer.theta_sync, None))
+        try:
+            self._start()
+        except BaseException:
+            self.close(save=False)
+            raise
+
+    # ------------------------------------------------------------------ lifecycle
+    def _start(self) -> None:
+        sw = self.config.swarm
+        self._dht = SwarmDHT.start(
+            sw.run_id,
+            initial_peers=sw.initial_peers,
+            host_maddrs=[f"/ip4/{sw.host}/tcp/{sw.port}"],
+            client_mode=sw.client_mode,
+            identity_path=sw.identity_path or None,
+            startup_timeout=sw.startup_timeout,
+        )
+        self.peer_id = self._dht.peer_id
+        self.announce_host = sw.announce_host or _detect_announce_host(sw.host, self._dht.visible_maddrs())
+        self._averager = Averager(self._dht, self.config.sync.averager(listen_host=sw.host, announce_host=self.announce_host))
+        self._check_compatible()
+        if self.config.checkpoint.resume:
+            self._resume_from_checkpoint()
+        self._server = StateServer(self._averager.matchmaker._server, lambda: self._state)
+        self._server.start()
+        self._announcer = Announcer(self._dht, period=sw.announce_period, ttl=sw.peer_ttl)
+        self._announcer.update(self._record())
+        self._announcer.publish()
+        self._announcer.start()
+        self._reconcile(startup=True)
+        log.info("peer %s joined run %r: %s, round %d", self.peer_id[-8:], sw.run_id, describe_schema(self.schema), self.round)
+
+    def close(self, save: bool = True) -> None:
+        """Leave the swarm: stop background threads and the DHT, save a final checkpoint. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for part in (self._announcer, self._server, self._averager):
+            if part is not None:
+                part.close()
+        if self._dht is not None:
+            self._dht.shutdown()
+        if save and self._ckpt is not None and self.round > 0:
+            self._save_checkpoint()
+
+    def __enter__(self) -> "Peer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ training
+    @property
+    def seed(self) -> int:
+        """A per-peer seed (from the peer id), so that each peer draws different data."""
+        return zlib.crc32(self.peer_id.encode())
+
+    def step(self, loss: torch.Tensor | None = None, *, samples: int = 1) -> RoundResult | None:
+        """Count one inner step; sync with the swarm when the schedule says so.
+
+        With `loss`: runs backward, the inner optimizer step and zero_grad. Without it the
+        caller has already stepped (e.g. to clip gradients first).
+        Returns the RoundResult if a sync was attempted, else None.
+        """
+        if self._closed:
+            raise RuntimeError("peer is closed")
+        if loss is not None:
+            if self.optimizer is None:
+                raise ValueError("step(loss) needs an optimizer; pass one to Peer or step it yourself")
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._loss_t = loss.detach()
+        self.local_step += 1
+        self.samples_since_sync += samples
+        self.total_samples += samples
+        self.schedule.tick()
+        if self.schedule.due():
+            return self.sync()
+        return None
+
+    def report_loss(self, loss: float) -> None:
+        """Tell the swarm the current training loss (shown by monitors)."""
+        self.last_loss = float(loss)
+
+    def sync(self) -> RoundResult:
+        """Average with the peers at this round now. Never raises for network faults."""
+        assert self._averager is not None
+        if self._loss_t is not None:
+            self.last_loss = float(self._loss_t)
+        theta_local = flatten_params(self._params).cpu()
+        delta = self.outer.pseudo_gradient(theta_local)
+        expected = self._expected_group_size()
+        if expected < self.config.sync.min_group_size:
+            result = RoundResult(self.round, "failed", (self.peer_id,), (), 0.0, 0, "no other peer at this round")
+        else:
+            result = self._averager.average(
+                self.round, self._meeting_key(), delta, float(max(self.samples_since_sync, 1)), self._expected_group_size
+            )
+        if result.ok:
+            assert result.mean_delta is not None
+            theta = self.outer.apply(result.mean_delta)
+            write_flat_(self._params, theta.to(self.device))
+            self.round += 1
+            self.samples_since_sync = 0
+            self.bytes_sent += result.bytes_sent
+            self._set_state(SwarmState(self.round, self.fingerprint, theta, self.outer.momentum_buf, self.total_samples))
+            if self._ckpt is not None and self.round % self.config.checkpoint.every_rounds == 0:
+                self._save_checkpoint()
+            log.info("round %d complete: %d peers, %.2fs", self.round, len(result.members), result.duration_s)
+        else:
+            self.rounds_failed += 1
+            log.info("round %d not completed (%s); continuing to train", self.round + 1, result.error)
+            self._reconcile()
+        self.schedule.done(result.ok)
+        self.history.append(result)
+        return result
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> SwarmState:
+        return self._state
+
+    def _set_state(self, state: SwarmState) -> None:
+        # SwarmState is immutable and θ_sync is replaced (never mutated) by the outer step,
+        # so the state server can serialize this reference from its own thread.
+        self._state = state
+        self.digest = tensor_digest(state.theta_sync)
+        if getattr(self, "_announcer", None) is not None:
+            self._announcer.update(self._record(), now=True)
+
+    def _adopt(self, state: SwarmState, source: str) -> None:
+        self.outer.load_state_dict({"theta_sync": state.theta_sync, "momentum_buf": state.momentum_buf})
+        write_flat_(self._params, self.outer.theta_sync.to(self.device))
+        self.round = state.round
+        self.samples_since_sync = 0
+        self._set_state(SwarmState(state.round, self.fingerprint, self.outer.theta_sync, self.outer.momentum_buf, self.total_samples))
+        log.info("continuing from round %d (%s)", self.round, source)
+
+    def _save_checkpoint(self) -> Path:
+        assert self._ckpt is not None
+        return self._ckpt.save(self._state)
+
+    def _resume_from_checkpoint(self) -> None:
+        assert self._ckpt is not None
+        path = self._ckpt.latest()
+        if path is None:
+            log.info("no checkpoint in %s; starting fresh", self._ckpt.path)
+            return
+        state = CheckpointDir.load(path, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel())
+        self._adopt(state, f"checkpoint {path}")
+
+    def _record(self) -> PeerRecord:
+        return PeerRecord(
+            round=self.round, fingerprint=self.fingerprint, schema=describe_schema(self.schema), digest=self.digest,
+            host=self.announce_host, port=self._averager.matchmaker.port if self._averager else 1,
+            step=self.local_step, samples=self.total_samples, loss=self.last_loss,
+            device=self.device.type, version=VERSION,
+        )
+
+    def _meeting_key(self) -> str:
+        # Only peers with the same model, round and θ_sync can average meaningfully.
+        return f"{self.fingerprint}.{self.digest[:16]}"
+
+    def _others(self) -> list[PeerRecord]:
+        assert self._dht is not None
+        return [r for pid, r in live_peers(self._dht).items() if pid != self.peer_id]
+
+    def _expected_group_size(self) -> int:
+        same = [r for r in self._others() if r.fingerprint == self.fingerprint and r.round == self.round and r.digest == self.digest]
+        return 1 + len(same)
+
+    def _check_compatible(self) -> None:
+        others = self._others()
+        if others and not any(r.fingerprint == self.fingerprint for r in others):
+            theirs = Counter((r.fingerprint, r.schema) for r in others).most_common(1)[0][0]
+            raise ModelMismatchError(
+                f"model does not match the swarm's: this peer has {describe_schema(self.schema)} "
+                f"(fingerprint {self.fingerprint}), the swarm has {theirs[1]} (fingerprint {theirs[0]})"
+            )
+
+    def _reconcile(self, startup: bool = False) -> None:
+        """If the swarm is ahead of us, or agrees on a different θ_sync at our round, download its state.
+
+        The swarm's state is the majority digest among peers at the highest round (ties:
+        smallest digest, so every peer picks the same one).
+        """
+        peers = [r for r in self._others() if r.fingerprint == self.fingerprint]
+        if not peers:
+            return
+        top = max(r.round for r in peers)
+        if top < self.round:
+            return
+        at_top = [r for r in peers if r.round == top]
+        if top == self.round:
+            at_top.append(self._record())
+        votes = Counter(r.digest for r in at_top)
+        best = min(votes, key=lambda d: (-votes[d], d))
+        if top == self.round and best == self.digest:
+            return
+        donors = [r for r in at_top if r.digest == best and r.peer_id != ""]
+        try:
+            state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
+                                   timeout=self.config.sync.join_timeout * 4)
+        except StateError as e:
+            log.warning("could not catch up with the swarm (round %d): %s", top, e)
+            return
+        self._adopt(state, f"downloaded from peer {donors[0].peer_id[-8:]}" + (" at startup" if startup else ""))
+
+
+def _detect_announce_host(listen_host: str, maddrs: list[str]) -> str:
+    """The address peers should use to reach us: the listen host if specific, else a visible IPv4."""
+    if listen_host not in ("0.0.0.0", ""):
+        return listen_host
+    for m in maddrs:
+        parts = m.split("/")
+        if len(parts) > 2 and parts[1] == "ip4" and parts[2] not in ("0.0.0.0", "127.0.0.1"):
+            return parts[2]
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,82 @@
+"""`swarm-peer`: join a run and train. Thin: parse, build, run, close."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from averaging.errors import SwarmError
+
+from . import configlib
+from .config import RunConfig
+from .data import DataError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is one --help away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse(argv: list[str] | None) -> RunConfig:
+    p = OneLineParser(prog="swarm-peer", description="Join a swarmtrain run and train.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="TOML run config (flags override it)")
+    p.add_argument("--join", action="append", default=[], metavar="MULTIADDR",
+                   help="address of any live peer or bootstrap node (repeatable); same as --swarm.initial-peers")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint.dir")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    configlib.add_arguments(p, RunConfig)
+    ns = p.parse_args(argv)
+    overrides = configlib.overrides_from_namespace(ns, RunConfig)
+    if ns.join:
+        overrides.setdefault("swarm", {})["initial_peers"] = ",".join(ns.join)
+    if ns.resume:
+        overrides.setdefault("checkpoint", {})["resume"] = True
+    cfg = configlib.load(RunConfig, path=ns.config, cli_overrides=overrides)
+    if ns.print_config:
+        print(configlib.dump_toml(cfg))
+        sys.exit(0)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("hivemind", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = parse(argv)
+    except (configlib.ConfigError, ValueError) as e:
+        print(f"swarm-peer: error: {e}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():  # second Ctrl+C: leave now
+            raise KeyboardInterrupt
+        logging.getLogger("swarmtrain").info("%s: finishing the current step, then leaving", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    from .train import run, write_json_atomic  # heavy imports after argument errors are reported
+
+    try:
+        summary = run(cfg, stop)
+    except (SwarmError, DataError, configlib.ConfigError) as e:
+        print(f"swarm-peer: error: {e}", file=sys.stderr)
+        return 1
+    if cfg.train.summary_file:
+        write_json_atomic(cfg.train.summary_file, summary)
+    print("SUMMARY " + json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

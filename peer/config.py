@@ -1,0 +1,174 @@
+"""Run configuration: one dataclass per component, loaded from TOML and overridden by flags.
+
+    [swarm]       how to reach the swarm          SwarmConfig
+    [sync]        when and how to average         SyncConfig
+    [checkpoint]  what to keep on disk            CheckpointConfig
+    [train]       the CLI trainer's inner loop    TrainConfig
+    [model]       the embedded byte-level GPT     peer.model.ModelConfig
+    [data]        the training text               peer.data.DataConfig
+
+`PeerConfig` (swarm + sync + checkpoint) is what the Python API needs; `RunConfig` adds
+what `swarm-peer` needs to train the embedded model. Every invalid value raises a
+ValueError naming the field; `configlib.load` turns it into a one-line ConfigError.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import multiaddr
+
+from averaging.averager import AveragerConfig
+from averaging.matchmaking import MatchmakingConfig
+from averaging.outer import OuterConfig
+
+from .configlib import doc
+from .data import DataConfig
+from .model import ModelConfig
+
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_multiaddr(addr: str) -> str:
+    """Return `addr` if it is a full peer multiaddr (…/p2p/<peer id>), else raise ValueError."""
+    try:
+        m = multiaddr.Multiaddr(addr)
+    except Exception as e:  # py-multiaddr raises several exception types for bad input
+        reason = str(e).split(": ", 1)[-1].split(" (string:")[0]  # drop py-multiaddr's repetition
+        raise ValueError(f"invalid multiaddr {addr!r}: {reason}") from None
+    protocols = [p.name for p in m.protocols()]
+    if "p2p" not in protocols:
+        raise ValueError(f"invalid multiaddr {addr!r}: it must end with /p2p/<peer id> (copy it from the bootstrap's output)")
+    if not any(p in protocols for p in ("tcp", "udp", "quic", "quic-v1")):
+        raise ValueError(f"invalid multiaddr {addr!r}: no transport (expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/...)")
+    return addr
+
+
+@dataclass(kw_only=True)
+class SwarmConfig:
+    run_id: str = doc("swarmtrain-demo", "name of the training run; peers of different runs never meet")
+    initial_peers: list[str] = doc([], "multiaddrs of any live peers or bootstrap nodes to join through")
+    host: str = doc("0.0.0.0", "IP address to listen on")
+    port: int = doc(0, "TCP port for the DHT (0 = any free port)")
+    announce_host: str = doc("", "IP address other peers use to reach this one ('' = detect)")
+    client_mode: bool = doc(False, "do not accept incoming DHT connections (for peers behind NAT)")
+    identity_path: str = doc("", "file with this peer's private key, for a stable peer id ('' = new id each start)")
+    startup_timeout: float = doc(30.0, "seconds to wait for the DHT to start and reach the initial peers")
+    announce_period: float = doc(2.0, "seconds between refreshes of this peer's record in the DHT")
+    peer_ttl: float = doc(10.0, "seconds after its last refresh before a silent peer is considered gone")
+
+    def __post_init__(self) -> None:
+        if not _RUN_ID_RE.match(self.run_id):
+            raise ValueError(f"run_id must be 1-64 letters, digits, '_', '.', '-', got {self.run_id!r}")
+        for a in self.initial_peers:
+            validate_multiaddr(a)
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.startup_timeout <= 0 or self.announce_period <= 0:
+            raise ValueError("startup_timeout and announce_period must be > 0")
+        if self.peer_ttl < 2 * self.announce_period:
+            raise ValueError(f"peer_ttl ({self.peer_ttl}) must be at least 2 x announce_period ({self.announce_period})")
+
+
+@dataclass(kw_only=True)
+class SyncConfig:
+    every_steps: int = doc(50, "H: average after this many inner steps (0 = use every_seconds only)")
+    every_seconds: float = doc(0.0, "T: average every T seconds of wall-clock time (0 = use every_steps only)")
+    outer_lr: float = doc(0.7, "outer learning rate (1.0 with momentum 0 = plain parameter averaging)")
+    outer_momentum: float = doc(0.9, "outer momentum")
+    nesterov: bool = doc(True, "use Nesterov momentum in the outer step")
+    min_group_size: int = doc(2, "fewest peers (self included) that make a group")
+    max_group_size: int = doc(64, "most peers in one group")
+    matchmaking_window: float = doc(15.0, "seconds to wait at a sync point for other peers")
+    join_timeout: float = doc(5.0, "seconds to wait when connecting to a group leader")
+    allreduce_timeout: float = doc(60.0, "seconds before a stalled all-reduce is declared failed")
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.every_seconds < 0:
+            raise ValueError("every_steps and every_seconds must be >= 0")
+        if self.every_steps == 0 and self.every_seconds == 0:
+            raise ValueError("set every_steps > 0 or every_seconds > 0, or peers never sync")
+        self.outer()  # validates outer_lr / outer_momentum
+        self.matchmaking()  # validates group sizes and timeouts
+        if self.allreduce_timeout <= 0:
+            raise ValueError(f"allreduce_timeout must be > 0, got {self.allreduce_timeout}")
+
+    def outer(self) -> OuterConfig:
+        return OuterConfig(lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov)
+
+    def matchmaking(self) -> MatchmakingConfig:
+        return MatchmakingConfig(
+            min_group_size=self.min_group_size, max_group_size=self.max_group_size,
+            window=self.matchmaking_window, join_timeout=self.join_timeout,
+        )
+
+    def averager(self, *, listen_host: str, announce_host: str) -> AveragerConfig:
+        return AveragerConfig(
+            listen_host=listen_host, announce_host=announce_host,
+            allreduce_timeout=self.allreduce_timeout, matchmaking=self.matchmaking(),
+        )
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str = doc("", "directory for checkpoints ('' = no checkpoints)")
+    every_rounds: int = doc(1, "save after every N completed rounds")
+    keep_last: int = doc(3, "keep this many newest checkpoints (0 = keep all)")
+    resume: bool = doc(False, "start from the newest checkpoint in dir (the swarm's newer state wins)")
+
+    def __post_init__(self) -> None:
+        if self.every_rounds < 1:
+            raise ValueError(f"every_rounds must be >= 1, got {self.every_rounds}")
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0, got {self.keep_last}")
+        if self.resume and not self.dir:
+            raise ValueError("resume needs a checkpoint dir (--checkpoint.dir)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    optimizer: Literal["adamw", "sgd"] = doc("adamw", "inner optimizer")
+    lr: float = doc(1e-3, "inner learning rate")
+    weight_decay: float = doc(0.01, "inner weight decay")
+    grad_clip: float = doc(1.0, "clip the gradient norm to this (0 = off)")
+    max_rounds: int = doc(0, "stop after this many completed sync rounds (0 = no limit)")
+    max_steps: int = doc(0, "stop after this many inner steps (0 = no limit)")
+    seed: int = doc(0, "seed of the initial weights; every peer of a run must use the same one")
+    device: str = doc("auto", "auto, cpu, cuda, cuda:N or mps")
+    threads: int = doc(0, "torch CPU threads (0 = torch's default)")
+    eval_batches: int = doc(8, "validation batches after each round")
+    log_every_steps: int = doc(10, "log training loss every N steps")
+    summary_file: str = doc("", "write a JSON summary here on exit")
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0")
+        for name in ("max_rounds", "max_steps", "threads", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every_steps < 1:
+            raise ValueError(f"log_every_steps must be >= 1, got {self.log_every_steps}")
+
+
+@dataclass(kw_only=True)
+class PeerConfig:
+    """What `peer.Peer` needs: how to reach the swarm, when to sync, what to keep."""
+
+    swarm: SwarmConfig = doc(SwarmConfig, "network")
+    sync: SyncConfig = doc(SyncConfig, "averaging schedule and outer optimizer")
+    checkpoint: CheckpointConfig = doc(CheckpointConfig, "checkpoints")
+
+
+@dataclass(kw_only=True)
+class RunConfig(PeerConfig):
+    """Everything `swarm-peer` needs to train the embedded model (or a user's data)."""
+
+    train: TrainConfig = doc(TrainConfig, "inner training loop")
+    model: ModelConfig = doc(ModelConfig, "model architecture")
+    data: DataConfig = doc(DataConfig, "training data")
+
+    def peer_config(self) -> PeerConfig:
+        return PeerConfig(swarm=self.swarm, sync=self.sync, checkpoint=self.checkpoint)

@@ -1,0 +1,47 @@
+"""When to sync: every H inner steps, or every T seconds of wall-clock time.
+
+With T, sync points are aligned to multiples of T since the Unix epoch, so peers that
+started at different times still arrive at matchmaking together.
+After a failed round the peer keeps training and retries sooner: after a quarter period.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+
+class SyncSchedule:
+    def __init__(self, every_steps: int = 0, every_seconds: float = 0.0, now: float | None = None) -> None:
+        if every_steps < 0 or every_seconds < 0 or (every_steps == 0 and every_seconds == 0):
+            raise ValueError("sync schedule needs every_steps > 0 or every_seconds > 0")
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.steps_since_sync = 0
+        self._next_step = every_steps if every_steps > 0 else math.inf
+        self._next_time = self._boundary_after(time.time() if now is None else now)
+
+    def _boundary_after(self, now: float) -> float:
+        if self.every_seconds <= 0:
+            return math.inf
+        return (math.floor(now / self.every_seconds) + 1) * self.every_seconds
+
+    def tick(self) -> None:
+        """Count one inner step."""
+        self.steps_since_sync += 1
+
+    def due(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return self.steps_since_sync >= self._next_step or now >= self._next_time
+
+    def done(self, ok: bool, now: float | None = None) -> None:
+        """Record the outcome of a sync attempt."""
+        now = time.time() if now is None else now
+        if ok:
+            self.steps_since_sync = 0
+            self._next_step = self.every_steps if self.every_steps > 0 else math.inf
+            self._next_time = self._boundary_after(now)
+        else:  # keep training; try again after a quarter period
+            if self.every_steps > 0:
+                self._next_step = self.steps_since_sync + max(1, self.every_steps // 4)
+            if self.every_seconds > 0:
+                self._next_time = now + self.every_seconds / 4

@@ -1,0 +1,91 @@
+"""The `swarm-peer` training loop: the embedded byte-level GPT (or a user's data) in a swarm."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import Peer
+from .config import RunConfig
+from .configlib import ConfigError
+from .data import BatchSampler, estimate_loss, load_corpus, parse_shard
+from .device import autocast, detect_device
+from .model import build_model, count_parameters
+
+log = logging.getLogger("swarmtrain")
+
+
+def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
+    """Train until max_rounds/max_steps or `stop` is set; return a summary dict.
+
+    Raises NetworkError / ModelMismatchError / StateError / DataError / ConfigError before
+    training starts if the peer cannot join; once training, network faults only fail rounds.
+    """
+    t_start = time.monotonic()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = detect_device(cfg.train.device)
+    corpus = load_corpus(cfg.data, block_size=cfg.model.block_size)
+    if corpus.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data has tokens up to {corpus.vocab_size - 1} but model.vocab_size is {cfg.model.vocab_size}")
+    model = build_model(cfg.model, seed=cfg.train.seed).to(device)
+    opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.SGD
+    opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    log.info("model: %s parameters on %s; data: %s", f"{count_parameters(model):,}", device, corpus.description)
+
+    def val_loss() -> float:
+        return estimate_loss(model, corpus.val, block_size=cfg.model.block_size, batch_size=cfg.data.batch_size,
+                             n_batches=cfg.train.eval_batches, device=device)
+
+    with Peer(model, opt, cfg.peer_config()) as peer:
+        sampler = iter(BatchSampler(corpus.train, block_size=cfg.model.block_size, batch_size=cfg.data.batch_size,
+                                    shard=parse_shard(cfg.data.shard), seed=peer.seed))
+        val_start = val_loss()
+        val_final, round_losses = val_start, [(peer.round, val_start)]
+        log.info("peer %s at round %d, validation loss %.4f", peer.peer_id[-8:], peer.round, val_start)
+        while not stop.is_set():
+            x, y = (t.to(device, non_blocking=True) for t in next(sampler))
+            with autocast(device):
+                _, loss = model(x, y)
+            loss.backward()
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if (peer.local_step + 1) % cfg.train.log_every_steps == 0:
+                peer.report_loss(loss.item())
+                log.info("step %d  loss %.4f  round %d", peer.local_step + 1, peer.last_loss, peer.round)
+            result = peer.step(samples=x.shape[0])
+            if result is not None and result.ok:
+                val_final = val_loss()
+                round_losses.append((peer.round, val_final))
+                log.info("round %d: %d peers, %.2fs, validation loss %.4f", peer.round, len(result.members),
+                         result.duration_s, val_final)
+            if cfg.train.max_rounds and peer.round >= cfg.train.max_rounds:
+                break
+            if cfg.train.max_steps and peer.local_step >= cfg.train.max_steps:
+                break
+        summary = {
+            "peer_id": peer.peer_id, "rounds": peer.round, "rounds_failed": peer.rounds_failed,
+            "steps": peer.local_step, "samples": peer.total_samples, "val_loss_start": val_start,
+            "val_loss_final": val_final, "val_loss_by_round": round_losses, "digest": peer.digest,
+            "bytes_sent": peer.bytes_sent, "wall_s": round(time.monotonic() - t_start, 2),
+            "interrupted": stop.is_set(),
+        }
+    return summary
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, p)

@@ -1,0 +1,144 @@
+"""State download: a peer that is behind fetches θ_sync, momentum and the round from a peer ahead.
+
+Transport: every peer already runs a TCPStore server (for matchmaking), announced in its
+membership record. A requester takes a request number with an atomic counter on the
+donor's store; the donor's server thread serializes its latest snapshot (an immutable
+reference, so the trainer is never paused for it), writes it in 1 MiB chunks and a
+manifest (round, size, chunk count, sha256). The requester checks the sha256 and that the
+parameters' digest matches what the swarm announced for that round, then deletes the keys.
+
+Failure behaviour: every wait is bounded by `timeout`. A donor that dies, stalls or sends
+bytes that fail a check is skipped, and the next donor is tried. If none works,
+`download_state` raises StateError; the caller keeps its own state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import timedelta
+from typing import Callable, Sequence
+
+from torch.distributed import Store, TCPStore
+
+from averaging.errors import StateError
+from averaging.flat import tensor_digest
+
+from .membership import PeerRecord
+from .state import SwarmState, digest
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+_KEEP_RESPONSES_S = 120.0
+
+
+class StateServer:
+    """Serves this peer's latest SwarmState on its store. Owned by the Peer; `close()` stops it."""
+
+    def __init__(self, store: Store, snapshot: Callable[[], SwarmState]) -> None:
+        self._store = store
+        self._snapshot = snapshot
+        self._stop = threading.Event()
+        self._cache: tuple[int, bytes] | None = None
+        self._served: list[tuple[float, int, int]] = []  # (time, request, chunks) for cleanup
+        self._thread = threading.Thread(target=self._run, name="swarmtrain-state-server", daemon=True)
+        self.requests_served = 0
+        self.serve_seconds = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        k = 1
+        while not self._stop.is_set():
+            try:
+                self._store.wait([f"state/req/{k}"], timedelta(seconds=0.5))
+            except RuntimeError:  # timeout: no request yet
+                self._cleanup()
+                continue
+            try:
+                self._serve(k)
+            except RuntimeError as e:
+                log.warning("state request %d failed: %s", k, e)
+            k += 1
+
+    def _serve(self, k: int) -> None:
+        t0 = time.monotonic()
+        state = self._snapshot()
+        if self._cache is None or self._cache[0] != state.round:
+            self._cache = (state.round, state.to_bytes())
+        data = self._cache[1]
+        chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+        for i, c in enumerate(chunks):
+            self._store.set(f"state/resp/{k}/{i}", c)
+        manifest = {"round": state.round, "size": len(data), "chunks": len(chunks), "sha256": digest(data)}
+        self._store.set(f"state/resp/{k}/meta", json.dumps(manifest))
+        self._served.append((time.monotonic(), k, len(chunks)))
+        self.requests_served += 1
+        self.serve_seconds += time.monotonic() - t0
+        log.info("served state of round %d (%.1f MB) in %.2fs", state.round, len(data) / 1e6, time.monotonic() - t0)
+
+    def _cleanup(self) -> None:
+        """Free responses older than _KEEP_RESPONSES_S (their requester took them or died)."""
+        now = time.monotonic()
+        while self._served and now - self._served[0][0] > _KEEP_RESPONSES_S:
+            _, k, n = self._served.pop(0)
+            for key in [f"state/req/{k}", f"state/resp/{k}/meta", *(f"state/resp/{k}/{i}" for i in range(n))]:
+                self._store.delete_key(key)
+
+
+def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int, timeout: float) -> SwarmState:
+    """Download and verify one donor's state. Raises StateError on any failure."""
+    name = f"peer {donor.peer_id[-8:]} ({donor.host}:{donor.port})"
+    try:
+        store = TCPStore(donor.host, donor.port, is_master=False, timeout=timedelta(seconds=timeout))
+        k = store.add("state/req", 1)
+        store.set(f"state/req/{k}", "1")
+        store.wait([f"state/resp/{k}/meta"], timedelta(seconds=timeout))
+        meta = json.loads(store.get(f"state/resp/{k}/meta"))
+        n, size = int(meta["chunks"]), int(meta["size"])
+        if not (0 < n <= 1 + size // CHUNK and size <= (1 << 40)):
+            raise StateError(f"{name} sent an implausible manifest: {meta}")
+        data = b"".join(store.get(f"state/resp/{k}/{i}") for i in range(n))
+        for key in [f"state/req/{k}", f"state/resp/{k}/meta", *(f"state/resp/{k}/{i}" for i in range(n))]:
+            store.delete_key(key)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise StateError(f"download from {name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if len(data) != size or digest(data) != meta.get("sha256"):
+        raise StateError(f"download from {name} is corrupt (size or sha256 mismatch)")
+    return SwarmState.from_bytes(data, source=f"state from {name}", fingerprint=fingerprint, numel=numel)
+
+
+def download_state(
+    donors: Sequence[PeerRecord], *, fingerprint: str, numel: int, timeout: float = 30.0
+) -> SwarmState:
+    """Fetch the newest state from the first donor that delivers a verified copy.
+
+    A state is accepted only if its θ_sync digest equals the digest that its donors
+    announced for that round in the DHT.
+    """
+    if not donors:
+        raise StateError("no peer to download the state from")
+    announced: dict[int, set[str]] = {}
+    for d in donors:
+        announced.setdefault(d.round, set()).add(d.digest)
+    errors = []
+    for donor in sorted(donors, key=lambda d: -d.round):
+        try:
+            state = fetch_state(donor, fingerprint=fingerprint, numel=numel, timeout=timeout)
+        except StateError as e:
+            errors.append(str(e))
+            log.warning("%s; trying another peer", e)
+            continue
+        if tensor_digest(state.theta_sync) not in announced.get(state.round, set()):
+            errors.append(f"state of round {state.round} from {donor.peer_id[-8:]} does not match any announced digest")
+            continue
+        return state
+    raise StateError(f"could not download the swarm state from {len(donors)} peer(s): {errors[-1]}")

@@ -57,10 +57,9 @@ class StateServer:
 
     def _run(self) -> None:
         k = 1
-        while not self._stop.is_set():
-            try:
-                self._store.wait([f"state/req/{k}"], timedelta(seconds=0.5))
-            except RuntimeError:  # timeout: no request yet
+        while not self._stop.wait(0.2):
+            # check() is non-blocking; a blocking wait() with a timeout logs a c10d warning each time.
+            if not self._store.check([f"state/req/{k}"]):
                 self._cleanup()
                 continue
             try:

@@ -1,0 +1,42 @@
+"""The bootstrap node: persistent identity, clean shutdown, clear errors."""
+from __future__ import annotations
+
+import signal
+import subprocess
+
+from .conftest import PY, REPO, wait_exit
+
+
+def peer_id(maddr: str) -> str:
+    return maddr.rsplit("/p2p/", 1)[1]
+
+
+def test_identity_persists_across_restarts(procs):
+    key = procs.tmp / "keys" / "node.key"
+    b1, a1 = procs.bootstrap("b1", identity=key)
+    assert key.exists()
+    log = procs.log(b1)
+    assert "swarm-peer --join /ip4/127.0.0.1/" in log and peer_id(a1) in log
+    b1.send_signal(signal.SIGINT)
+    assert wait_exit(procs, b1, 30) == 0
+    b2, a2 = procs.bootstrap("b2", identity=key)
+    assert peer_id(a2) == peer_id(a1)
+    b2.send_signal(signal.SIGTERM)
+    assert wait_exit(procs, b2, 30) == 0
+    assert "bootstrap node stopped" in procs.log(b2)
+
+
+def test_corrupt_identity_is_reported_and_kept(tmp_path):
+    key = tmp_path / "node.key"
+    key.write_bytes(b"not a key")
+    p = subprocess.run([PY, "-m", "bootstrap", "--identity", str(key), "--host", "127.0.0.1", "--port", "0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    errs = [l for l in p.stderr.splitlines() if l.startswith("swarm-bootstrap: error:")]
+    assert len(errs) == 1 and "is not a valid libp2p private key" in errs[0]
+    assert key.read_bytes() == b"not a key"
+
+
+def test_bad_port():
+    p = subprocess.run([PY, "-m", "bootstrap", "--port", "70000"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "port must be in 0..65535" in p.stderr

@@ -36,13 +36,15 @@ def flatten_params(params: Iterable[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def write_flat_(params: Iterable[torch.Tensor], flat: torch.Tensor) -> None:
     """Copy a flat vector [P] back into the parameters, in place (casting to each dtype)."""
+    params = list(params)
+    total = sum(p.numel() for p in params)
+    if total != flat.numel():  # check first: never leave the model half-written
+        raise ValueError(f"flat vector has {flat.numel()} elements, parameters have {total}")
     offset = 0
     for p in params:
         n = p.numel()
         p.copy_(flat[offset : offset + n].view_as(p))
         offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} elements, parameters have {offset}")
 
 
 def tensor_digest(t: torch.Tensor) -> str:

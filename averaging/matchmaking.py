@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -86,9 +87,9 @@ class Candidate:
         if not isinstance(rec, dict):
             return None
         t, host, port, nonce = rec.get("t"), rec.get("host"), rec.get("port"), rec.get("nonce")
-        if not (isinstance(t, (int, float)) and isinstance(host, str) and isinstance(nonce, str)):
+        if not (_is_number(t) and math.isfinite(t) and isinstance(host, str) and isinstance(nonce, str)):
             return None
-        if not (isinstance(port, int) and 0 < port < 65536 and 0 < len(host) <= 255 and 0 < len(nonce) <= 64):
+        if not (isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 and 0 < len(host) <= 255 and 0 < len(nonce) <= 64):
             return None
         return cls(float(t), peer_id, host, port, nonce)
 
@@ -258,6 +259,10 @@ class Matchmaker:
         if me.peer_id not in members:
             raise MatchmakingError(f"round {round_}: arrived after the group of {leader.peer_id[-8:]} closed")
         return Group(round_, tuple(members), members.index(me.peer_id), prefix, store, leader=leader.peer_id)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class _Unreachable(Exception):

@@ -83,4 +83,6 @@ class OuterOptimizer:
             raise ValueError(f"outer state has {theta.numel()} parameters, model has {self.theta_sync.numel()}")
         self.theta_sync = theta.detach().to(self.theta_sync.device, torch.float32).clone()
         buf = state.get("momentum_buf")
+        if buf is not None and buf.shape != theta.shape:
+            raise ValueError(f"outer momentum has shape {tuple(buf.shape)}, parameters have {tuple(theta.shape)}")
         self.momentum_buf = None if buf is None else buf.detach().to(self.theta_sync.device, torch.float32).clone()

@@ -8,6 +8,7 @@ at that round, so anyone can check that peers agree, and a newcomer can check a 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -59,9 +60,13 @@ class PeerRecord:
             return None
         ints_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (r.round, r.step, r.samples))
         strs_ok = all(isinstance(v, str) and len(v) <= _MAX_STR for v in (r.fingerprint, r.schema, r.digest, r.host, r.device, r.version))
-        port_ok = isinstance(r.port, int) and 0 < r.port < 65536
-        loss_ok = r.loss is None or isinstance(r.loss, (int, float))
-        return r if ints_ok and strs_ok and port_ok and loss_ok and isinstance(r.t, (int, float)) else None
+        port_ok = isinstance(r.port, int) and not isinstance(r.port, bool) and 0 < r.port < 65536
+        loss_ok = r.loss is None or _finite_number(r.loss)
+        return r if ints_ok and strs_ok and port_ok and loss_ok and _finite_number(r.t) else None
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def live_peers(dht: SwarmDHT) -> dict[str, PeerRecord]:

@@ -69,11 +69,14 @@ class SwarmState:
             raise StateError(f"{source}: parameter vector is malformed (expected {numel} fp32 values)")
         if mom is not None and (not isinstance(mom, torch.Tensor) or mom.shape != theta.shape or mom.dtype != torch.float32):
             raise StateError(f"{source}: momentum buffer is malformed")
-        if not isinstance(rnd, int) or rnd < 0:
+        if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
             raise StateError(f"{source}: invalid round {rnd!r}")
+        samples = obj.get("samples", 0)
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+            raise StateError(f"{source}: invalid sample count {samples!r}")
         if not torch.isfinite(theta).all() or (mom is not None and not torch.isfinite(mom).all()):
             raise StateError(f"{source}: contains NaN or Inf")
-        return cls(rnd, fingerprint, theta.reshape(-1), None if mom is None else mom.reshape(-1), int(obj.get("samples", 0)))
+        return cls(rnd, fingerprint, theta.reshape(-1), None if mom is None else mom.reshape(-1), samples)
 
 
 def digest(data: bytes) -> str:

@@ -227,8 +227,6 @@ def test_optimizer_load_wrong_size_raises(shape):
     assert torch.equal(opt.theta_sync, before)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_state_dict does not validate momentum_buf's shape "
-                   "(a [1] buffer is accepted and silently broadcast by the next apply)")
 @pytest.mark.parametrize("buf_shape", [(1,), (5,)])
 def test_optimizer_load_wrong_size_momentum_raises(buf_shape):
     opt = OuterOptimizer(torch.zeros(3), OuterConfig())

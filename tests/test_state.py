@@ -90,15 +90,11 @@ def test_write_flat_too_short_raises():
         write_flat_(m.parameters(), torch.zeros(16))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a too-short flat vector raises RuntimeError from view_as, "
-                   "not the documented ValueError")
 def test_write_flat_too_short_raises_value_error():
     with pytest.raises(ValueError):
         write_flat_(Small().parameters(), torch.zeros(16))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: write_flat_ copies into the parameters before checking the "
-                   "length, so a wrong-length vector leaves the model partially overwritten")
 @pytest.mark.parametrize("n", [16, 18])
 def test_write_flat_wrong_length_leaves_params_untouched(n):
     m = Small()
@@ -298,8 +294,6 @@ def test_from_bytes_refuses_arbitrary_pickle():
     assert _CALLED == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: from_bytes calls int(obj['samples']) unchecked: a malformed "
-                   "'samples' raises ValueError/TypeError instead of StateError")
 @pytest.mark.parametrize("samples", ["abc", None, math.nan, [1]])
 def test_from_bytes_malformed_samples_raises_state_error(samples):
     with pytest.raises(StateError):

@@ -9,7 +9,10 @@ Values read from the DHT come from other peers and are untrusted: callers valida
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import signal
+import sys
 import threading
 from typing import Any, Sequence
 
@@ -24,6 +27,21 @@ log = logging.getLogger(__name__)
 def dht_time() -> float:
     """The DHT's notion of now (seconds since the epoch)."""
     return get_dht_time()
+
+
+class _OwnedDHT(hivemind.DHT):
+    """hivemind.DHT whose process dies with its parent.
+
+    hivemind runs the DHT in a forked child that outlives a SIGKILLed parent (and keeps
+    p2pd alive with it). On Linux, PR_SET_PDEATHSIG makes the kernel kill the child when
+    the parent dies, and p2pd follows; so a crashed peer leaves no orphans behind.
+    """
+
+    def run(self) -> None:
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        super().run()
 
 
 class SwarmDHT:
@@ -66,7 +84,7 @@ class SwarmDHT:
         if identity_path is not None:
             kwargs["identity_path"] = identity_path
         try:
-            dht = hivemind.DHT(**kwargs)
+            dht = _OwnedDHT(**kwargs)
         except Exception as e:  # hivemind raises P2PDaemonError, RuntimeError, TimeoutError...
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             where = f" through {', '.join(initial_peers)}" if initial_peers else ""

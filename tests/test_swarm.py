@@ -49,3 +49,35 @@ def test_three_peers_train_and_agree(procs):
     boot.send_signal(signal.SIGTERM)
     assert wait_exit(procs, boot, 30) == 0
     assert "bootstrap node stopped" in procs.log(boot)
+
+
+@pytest.mark.timeout(200)
+def test_single_peer_on_own_text_files_starts_a_new_swarm(procs, tmp_path):
+    """No --join: the peer starts a new swarm, trains alone on the user's text, and says so."""
+    data = tmp_path / "corpus"
+    (data / "sub").mkdir(parents=True)
+    words = "the quick brown fox jumps over the lazy dog while the swarm trains together "
+    for i in range(20):
+        (data / "sub" / f"f{i}.txt").write_text(words * 60 + f" file {i}\n")
+    p = procs.spawn("solo", ["-m", "peer", "--swarm.host", "127.0.0.1", "--train.threads", "1", "--data.source", "text",
+                             "--data.paths", str(data), "--train.max-steps", "60", "--sync.every-steps", "20",
+                             "--train.eval-batches", "4", "--train.summary-file", str(tmp_path / "solo.json")])
+    assert wait_exit(procs, p, 180) == 0, procs.log(p)[-3000:]
+    s = summary(procs, "solo")
+    assert s["steps"] == 60 and s["rounds"] == 0 and s["rounds_failed"] >= 2
+    assert "no other peer at this round" in procs.log(p)
+    assert "text: 20 files" in procs.log(p) or "20 files" in procs.log(p)
+
+
+def test_console_scripts_installed():
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bindir = Path(sys.executable).parent
+    for script in ("swarm-peer", "swarm-bootstrap"):
+        exe = shutil.which(script, path=str(bindir))
+        assert exe, f"{script} is not installed next to {sys.executable}"
+        out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "usage:" in out.stdout

@@ -17,6 +17,16 @@ where e_i is the one-hot vector of rank i. After a SUM all-reduce:
 The result is honest: `complete` only if the transfer finished, every member's
 one-hot count is exactly 1, and the mean is finite. Anything else is `failed`, and the
 caller's tensors are never touched (the all-reduce works on a private copy).
+
+Compressed codecs (fp16, bf16, int8) cannot be summed on the wire, so they take a
+two-phase path (the same byte count as a ring: 2·(n−1)/n of the encoded size):
+    1. the 2n metadata values above, all-reduced in fp32 (also proves everyone is there);
+    2. reduce-scatter: the vector is split into n parts; part j of every member's encoded
+       w·Δ goes to member j (gloo all-to-all), which decodes and sums them in fp32;
+    3. all-gather: each member encodes its part of the mean and every member receives
+       all parts. All members decode the same bytes, so they agree exactly.
+Both encodings use error feedback (see codecs.ErrorFeedback), committed only if the
+round completes.
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore
 
+from .codecs import Codec, CodecError, ErrorFeedback, get_codec, partition
 from .matchmaking import Group
 
 log = logging.getLogger(__name__)
@@ -68,8 +79,27 @@ def make_gloo_group(group: Group, *, host: str, timeout_s: float) -> dist.Proces
     return dist.ProcessGroupGloo(PrefixStore(group.prefix + "pg/", group.store), group.rank, group.size, opts)
 
 
+@dataclass
+class Compression:
+    """A peer's codec and its error-feedback state, kept across rounds."""
+
+    codec: Codec
+    contrib: ErrorFeedback | None = None  # residual of this peer's own w·Δ
+    mean: ErrorFeedback | None = None  # residual of the mean parts this peer encodes
+
+    @classmethod
+    def named(cls, name: str) -> "Compression":
+        return cls(get_codec(name))
+
+    def ensure(self, numel: int) -> None:
+        if self.contrib is None or self.contrib.residual.numel() != numel:
+            self.contrib = ErrorFeedback(self.codec, numel)
+            self.mean = ErrorFeedback(self.codec, numel)
+
+
 def weighted_allreduce(
-    group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float
+    group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float,
+    codec: str | Compression = "fp32",
 ) -> RoundResult:
     """Average `delta` [P] over the group, weighted by each member's `weight`.
 
@@ -80,6 +110,9 @@ def weighted_allreduce(
     """
     if not (weight > 0 and math.isfinite(weight)):
         raise ValueError(f"weight must be positive and finite, got {weight}")
+    comp = Compression.named(codec) if isinstance(codec, str) else codec
+    if not comp.codec.lossless:
+        return _compressed_allreduce(group, delta, weight, host=host, timeout_s=timeout_s, comp=comp)
     t0 = time.monotonic()
     n, r = group.size, group.rank
     P = delta.numel()
@@ -115,6 +148,73 @@ def weighted_allreduce(
     return RoundResult(
         group.round, "complete", group.members, weights, time.monotonic() - t0, sent, None, mean.to(delta.device)
     )
+
+
+def _compressed_allreduce(
+    group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float, comp: Compression
+) -> RoundResult:
+    t0 = time.monotonic()
+    n, r = group.size, group.rank
+    P = delta.numel()
+    codec = comp.codec
+    comp.ensure(P)
+    assert comp.contrib is not None and comp.mean is not None
+    parts = partition(P, n)
+    meta = torch.zeros(2 * n, dtype=torch.float32)
+    meta[r], meta[n + r] = weight, 1.0
+    x = delta.detach().reshape(-1).to("cpu", torch.float32) * weight  # private copy [P]
+
+    # Encode every part of our contribution (residuals are committed only on success).
+    encoded, pending = [], []
+    for s, e in parts:
+        data, _, res = comp.contrib.compress(x[s:e], s)
+        encoded.append(data)
+        pending.append((comp.contrib, s, res))
+    in_splits = [d.numel() for d in encoded]
+    my_s, my_e = parts[r]
+    part_bytes = codec.wire_bytes(my_e - my_s)
+    max_bytes = codec.wire_bytes(max(e - s for s, e in parts))
+    sent = ring_bytes(meta.numel() * 4, n) + sum(in_splits) - in_splits[r] + (n - 1) * max_bytes
+
+    def failed(msg: str, weights: tuple[float, ...] = ()) -> RoundResult:
+        log.warning("round %d failed: %s", group.round, msg)
+        return RoundResult(group.round, "failed", group.members, weights, time.monotonic() - t0, sent, msg)
+
+    try:
+        pg = make_gloo_group(group, host=host, timeout_s=timeout_s)
+        pg.allreduce([meta]).wait()
+        weights = tuple(float(w) for w in meta[:n])
+        if not torch.equal(meta[n:], torch.ones(n)):
+            return failed(f"incomplete: members present = {meta[n:].tolist()}", weights)
+        total = sum(weights)
+        if not (total > 0 and math.isfinite(total)):
+            return failed(f"invalid total weight {total}", weights)
+        # Phase 2: reduce-scatter. We receive part r of every member's contribution.
+        received = torch.empty(n * part_bytes, dtype=torch.uint8)
+        pg.alltoall_base(received, torch.cat(encoded), [part_bytes] * n, in_splits).wait()
+        acc = torch.zeros(my_e - my_s, dtype=torch.float32)
+        for i in range(n):
+            acc += codec.decode(received[i * part_bytes : (i + 1) * part_bytes], my_e - my_s)
+        mean_data, _, res = comp.mean.compress(acc / total, my_s)
+        pending.append((comp.mean, my_s, res))
+        # Phase 3: all-gather the encoded mean parts (padded to equal size for gloo).
+        padded = torch.zeros(max_bytes, dtype=torch.uint8)
+        padded[: mean_data.numel()] = mean_data
+        gathered = [torch.empty(max_bytes, dtype=torch.uint8) for _ in range(n)]
+        pg.allgather([gathered], [padded]).wait()
+        mean = torch.cat([codec.decode(gathered[j][: codec.wire_bytes(e - s)], e - s) for j, (s, e) in enumerate(parts)])
+    except RuntimeError as e:
+        return failed(f"{codec.name} all-reduce over {n} peers failed: {_first_line(e)}")
+    except CodecError as e:
+        return failed(f"undecodable data from a peer: {e}")
+    finally:
+        pg = None
+    if not torch.isfinite(mean).all():
+        return failed("non-finite values in the averaged result", weights)
+    for fb, s, res in pending:  # the round completed: the quantization errors are now "sent"
+        fb.commit(s, res)
+    return RoundResult(group.round, "complete", group.members, weights, time.monotonic() - t0, sent, None,
+                       mean.to(delta.device))
 
 
 def _first_line(e: BaseException) -> str:

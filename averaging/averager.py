@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from .allreduce import RoundResult, weighted_allreduce
+from .allreduce import Compression, RoundResult, weighted_allreduce
+from .codecs import get_codec
 from .dht import SwarmDHT
 from .errors import MatchmakingError
 from .matchmaking import MatchmakingConfig, Matchmaker
@@ -27,11 +28,14 @@ class AveragerConfig:
     announce_host: str = "127.0.0.1"
     # Rendezvous and transfer timeout, in seconds; a dead peer fails the round within it.
     allreduce_timeout: float = 60.0
+    # Wire codec: fp32 (exact), fp16, bf16, or int8 (blockwise absmax, with error feedback).
+    codec: str = "fp32"
     matchmaking: MatchmakingConfig = MatchmakingConfig()
 
     def __post_init__(self) -> None:
         if not self.allreduce_timeout > 0:
             raise ValueError(f"allreduce_timeout must be > 0, got {self.allreduce_timeout}")
+        get_codec(self.codec)  # raises ValueError naming the choices
 
 
 class Averager:
@@ -40,6 +44,7 @@ class Averager:
     def __init__(self, dht: SwarmDHT, cfg: AveragerConfig) -> None:
         self.dht = dht
         self.cfg = cfg
+        self.compression = Compression.named(cfg.codec)  # error-feedback state lives across rounds
         self.matchmaker = Matchmaker(
             dht, listen_host=cfg.listen_host, announce_host=cfg.announce_host, cfg=cfg.matchmaking
         )
@@ -59,7 +64,8 @@ class Averager:
         except MatchmakingError as e:
             return RoundResult(round_, "failed", (self.dht.peer_id,), (), time.monotonic() - t0, 0, str(e))
         result = weighted_allreduce(
-            group, delta, weight, host=self.cfg.announce_host, timeout_s=self.cfg.allreduce_timeout
+            group, delta, weight, host=self.cfg.announce_host, timeout_s=self.cfg.allreduce_timeout,
+            codec=self.compression,
         )
         # Report the whole round's duration, matchmaking included.
         return RoundResult(

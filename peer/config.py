@@ -83,6 +83,8 @@ class SyncConfig:
     matchmaking_window: float = doc(15.0, "seconds to wait at a sync point for other peers")
     join_timeout: float = doc(5.0, "seconds to wait when connecting to a group leader")
     allreduce_timeout: float = doc(60.0, "seconds before a stalled all-reduce is declared failed")
+    compression: Literal["fp32", "fp16", "bf16", "int8"] = doc(
+        "fp32", "wire codec: fp32 exact; fp16/bf16 half the bytes; int8 a quarter (with error feedback)")
 
     def __post_init__(self) -> None:
         if self.every_steps < 0 or self.every_seconds < 0:
@@ -106,7 +108,7 @@ class SyncConfig:
     def averager(self, *, listen_host: str, announce_host: str) -> AveragerConfig:
         return AveragerConfig(
             listen_host=listen_host, announce_host=announce_host,
-            allreduce_timeout=self.allreduce_timeout, matchmaking=self.matchmaking(),
+            allreduce_timeout=self.allreduce_timeout, codec=self.compression, matchmaking=self.matchmaking(),
         )
 
 

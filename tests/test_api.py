@@ -21,7 +21,8 @@ class TinyRegressor(nn.Module):
 
 
 @pytest.mark.timeout(180)
-def test_two_api_peers_train_a_custom_model():
+@pytest.mark.parametrize("compression", ["fp32", "int8"])
+def test_two_api_peers_train_a_custom_model(compression):
     boot = SwarmDHT.start("api-test", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         addr = boot.visible_maddrs()
@@ -36,7 +37,7 @@ def test_two_api_peers_train_a_custom_model():
                 opt = torch.optim.Adam(model.parameters(), lr=3e-2)
                 cfg = PeerConfig(
                     swarm=SwarmConfig(run_id="api-test", initial_peers=addr, host="127.0.0.1"),
-                    sync=SyncConfig(every_steps=20, matchmaking_window=20, allreduce_timeout=30),
+                    sync=SyncConfig(every_steps=20, matchmaking_window=20, allreduce_timeout=30, compression=compression),
                 )
                 gen = torch.Generator().manual_seed(100 + i)  # each peer its own data
                 x_val = torch.randn(256, 8, generator=torch.Generator().manual_seed(7))

@@ -16,6 +16,7 @@ from .codecs import get_codec
 from .dht import SwarmDHT
 from .errors import MatchmakingError
 from .matchmaking import MatchmakingConfig, Matchmaker
+from .relay import client_round, collect_clients, publish_to_clients
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +31,8 @@ class AveragerConfig:
     allreduce_timeout: float = 60.0
     # Wire codec: fp32 (exact), fp16, bf16, or int8 (blockwise absmax, with error feedback).
     codec: str = "fp32"
+    # Behind NAT: never listen; average through the group leader (see relay.py).
+    client_mode: bool = False
     matchmaking: MatchmakingConfig = MatchmakingConfig()
 
     def __post_init__(self) -> None:
@@ -46,7 +49,8 @@ class Averager:
         self.cfg = cfg
         self.compression = Compression.named(cfg.codec)  # error-feedback state lives across rounds
         self.matchmaker = Matchmaker(
-            dht, listen_host=cfg.listen_host, announce_host=cfg.announce_host, cfg=cfg.matchmaking
+            dht, listen_host=cfg.listen_host, announce_host=cfg.announce_host, cfg=cfg.matchmaking,
+            client_mode=cfg.client_mode,
         )
 
     def average(
@@ -63,10 +67,22 @@ class Averager:
             group = self.matchmaker.form_group(round_, fingerprint, expected_size)
         except MatchmakingError as e:
             return RoundResult(round_, "failed", (self.dht.peer_id,), (), time.monotonic() - t0, 0, str(e))
-        result = weighted_allreduce(
-            group, delta, weight, host=self.cfg.announce_host, timeout_s=self.cfg.allreduce_timeout,
-            codec=self.compression,
-        )
+        timeout = self.cfg.allreduce_timeout
+        if group.is_client:
+            result = client_round(group, self.dht.peer_id, delta, weight, timeout_s=2 * timeout + self.cfg.matchmaking.join_timeout)
+        elif group.clients:  # we lead and relay for peers behind NAT
+            uploads = collect_clients(group, delta.numel(), timeout_s=self.cfg.matchmaking.join_timeout)
+            total = weight + sum(w for _, w, _ in uploads)
+            combined = (delta.detach().reshape(-1).cpu().float() * weight + sum(x for _, _, x in uploads)) / total
+            result = weighted_allreduce(group, combined, total, host=self.cfg.announce_host, timeout_s=timeout,
+                                        codec=self.compression)
+            publish_to_clients(group, result, [pid for pid, _, _ in uploads])
+            if result.mean_delta is not None:
+                result = RoundResult(result.round, result.status, result.members, result.weights, result.duration_s,
+                                     result.bytes_sent, result.error, result.mean_delta.to(delta.device))
+        else:
+            result = weighted_allreduce(group, delta, weight, host=self.cfg.announce_host, timeout_s=timeout,
+                                        codec=self.compression)
         # Report the whole round's duration, matchmaking included.
         return RoundResult(
             result.round, result.status, result.members, result.weights,

@@ -74,7 +74,8 @@ class SwarmDHT:
         """
         kwargs: dict[str, Any] = dict(
             initial_peers=list(initial_peers) or None,
-            host_maddrs=list(host_maddrs),
+            # A client (behind NAT) opens no listening socket at all: p2pd dials out only.
+            host_maddrs=[] if client_mode else list(host_maddrs),
             client_mode=client_mode,
             startup_timeout=startup_timeout,
             start=True,
@@ -96,7 +97,10 @@ class SwarmDHT:
 
     def visible_maddrs(self) -> list[str]:
         with self._lock:
-            return [str(m) for m in self._dht.get_visible_maddrs()]
+            try:
+                return [str(m) for m in self._dht.get_visible_maddrs()]
+            except ValueError:  # hivemind: "No multiaddrs found" for a client that does not listen
+                return []
 
     def put(self, name: str, subkey: str, value: Any, ttl: float) -> bool:
         """Store `value` under (run.name, subkey) for `ttl` seconds. Returns False if no node accepted it."""

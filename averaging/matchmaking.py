@@ -104,6 +104,13 @@ class Group:
     prefix: str  # store namespace unique to this group
     store: Store = field(compare=False, repr=False)  # the leader's store (a client for followers)
     leader: str = ""
+    # Peers behind NAT that cannot accept connections: they hand their contribution to the
+    # leader, who averages on their behalf. A client itself gets rank -1.
+    clients: tuple[str, ...] = ()
+
+    @property
+    def is_client(self) -> bool:
+        return self.rank < 0
 
     @property
     def size(self) -> int:
@@ -121,15 +128,24 @@ class Matchmaker:
     Lifecycle: construct, call `form_group` once per sync attempt, `close()` at the end.
     """
 
-    def __init__(self, dht: SwarmDHT, *, listen_host: str, announce_host: str, cfg: MatchmakingConfig) -> None:
+    def __init__(
+        self, dht: SwarmDHT, *, listen_host: str, announce_host: str, cfg: MatchmakingConfig, client_mode: bool = False
+    ) -> None:
         self.dht = dht
         self.cfg = cfg
         self.announce_host = announce_host
+        self.client_mode = client_mode
         # A TCPStore master is a small C++ server thread; port 0 lets the OS pick a port.
-        self._server = TCPStore(
+        # A client-mode peer (behind NAT) never listens: it only ever follows.
+        self._server = None if client_mode else TCPStore(
             listen_host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=cfg.join_timeout)
         )
-        self.port: int = self._server.port
+        self.port: int = self._server.port if self._server is not None else 0
+
+    @property
+    def store(self) -> Store | None:
+        """This peer's store server (None in client mode)."""
+        return self._server
 
     def close(self) -> None:
         """Stop serving as a leader. Idempotent."""
@@ -148,16 +164,21 @@ class Matchmaker:
         key = f"mm.{fingerprint}.{round_}"
         me = Candidate(dht_time(), self.dht.peer_id, self.announce_host, self.port, uuid.uuid4().hex[:16])
         deadline = time.monotonic() + self.cfg.window
-        self.dht.put(key, me.peer_id, me.to_record(), ttl=self.cfg.window + 2 * self.cfg.join_timeout)
+        if not self.client_mode:  # clients are never elected, so they do not declare
+            self.dht.put(key, me.peer_id, me.to_record(), ttl=self.cfg.window + 2 * self.cfg.join_timeout)
         excluded: set[str] = set()
         hint: Candidate | None = None  # a redirect target we may not see in the DHT yet
         last_error = "no other peer arrived"
         while time.monotonic() < deadline:
             cands = {c.peer_id: c for c in self._candidates(key)}
-            cands[me.peer_id] = me
+            if not self.client_mode:
+                cands[me.peer_id] = me
             if hint is not None:
                 cands.setdefault(hint.peer_id, hint)
             live = [c for pid, c in cands.items() if pid not in excluded or pid == me.peer_id]
+            if not live:  # a client waits for a peer that can lead
+                time.sleep(_RESCAN_S)
+                continue
             leader = min(live)
             try:
                 if leader.peer_id == me.peer_id:
@@ -208,7 +229,7 @@ class Matchmaker:
 
         # Close: later joiners will find themselves missing from the list and retry later.
         n = store.add(prefix + "n", 0)
-        members = [me.peer_id]
+        members, clients = [me.peer_id], []
         for slot in range(1, min(n, self.cfg.max_group_size - 1) + 1):
             try:
                 store.wait([f"{prefix}slot/{slot}"], timedelta(seconds=self.cfg.join_timeout))
@@ -217,17 +238,17 @@ class Matchmaker:
                 log.debug("slot %d of round %d unusable: %s", slot, round_, e)
                 continue
             pid = rec.get("peer_id") if isinstance(rec, dict) else None
-            if isinstance(pid, str) and pid not in members:
-                members.append(pid)
-        if len(members) < self.cfg.min_group_size:
+            if isinstance(pid, str) and pid not in members and pid not in clients:
+                (clients if rec.get("client") is True else members).append(pid)
+        if len(members) + len(clients) < self.cfg.min_group_size:
             store.set(prefix + "members", json.dumps({"closed": "too few peers"}))
             raise MatchmakingError(
-                f"round {round_}: only {len(members)} peer(s) arrived within {self.cfg.window:.0f}s "
+                f"round {round_}: only {len(members) + len(clients)} peer(s) arrived within {self.cfg.window:.0f}s "
                 f"(need {self.cfg.min_group_size})"
             )
-        store.set(prefix + "members", json.dumps({"members": members}))
-        log.debug("round %d: leading group of %d", round_, len(members))
-        return Group(round_, tuple(members), 0, prefix, store, leader=me.peer_id)
+        store.set(prefix + "members", json.dumps({"members": members, "clients": clients}))
+        log.debug("round %d: leading group of %d (+%d clients)", round_, len(members), len(clients))
+        return Group(round_, tuple(members), 0, prefix, store, leader=me.peer_id, clients=tuple(clients))
 
     def _follow(self, round_: int, leader: Candidate, me: Candidate, deadline: float) -> Group:
         """Join `leader`'s group; return it, or raise _Redirect / _Unreachable / MatchmakingError."""
@@ -236,7 +257,7 @@ class Matchmaker:
         try:
             store = TCPStore(leader.host, leader.port, is_master=False, timeout=timeout)
             slot = store.add(prefix + "n", 1)
-            store.set(f"{prefix}slot/{slot}", json.dumps({"peer_id": me.peer_id}))
+            store.set(f"{prefix}slot/{slot}", json.dumps({"peer_id": me.peer_id, "client": self.client_mode}))
         except RuntimeError as e:  # torch raises DistStoreError / DistNetworkError, both RuntimeErrors
             raise _Unreachable(f"leader {leader.peer_id[-8:]} at {leader.host}:{leader.port} unreachable: {e}") from e
         # The leader closes at the latest at its own arrival + window; allow for clock skew.
@@ -256,9 +277,15 @@ class Matchmaker:
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             reason = reply.get("closed", "malformed member list") if isinstance(reply, dict) else "malformed reply"
             raise MatchmakingError(f"round {round_}: leader {leader.peer_id[-8:]} closed its group: {reason}")
+        clients = reply.get("clients", [])
+        if not isinstance(clients, list) or not all(isinstance(c, str) for c in clients):
+            raise MatchmakingError(f"round {round_}: leader {leader.peer_id[-8:]} sent a malformed client list")
+        if me.peer_id in clients:
+            return Group(round_, tuple(members), -1, prefix, store, leader=leader.peer_id, clients=tuple(clients))
         if me.peer_id not in members:
             raise MatchmakingError(f"round {round_}: arrived after the group of {leader.peer_id[-8:]} closed")
-        return Group(round_, tuple(members), members.index(me.peer_id), prefix, store, leader=leader.peer_id)
+        return Group(round_, tuple(members), members.index(me.peer_id), prefix, store, leader=leader.peer_id,
+                     clients=tuple(clients))
 
 
 def _is_number(x: Any) -> bool:

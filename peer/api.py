@@ -103,12 +103,14 @@ class Peer:
         )
         self.peer_id = self._dht.peer_id
         self.announce_host = sw.announce_host or _detect_announce_host(sw.host, self._dht.visible_maddrs())
-        self._averager = Averager(self._dht, self.config.sync.averager(listen_host=sw.host, announce_host=self.announce_host))
+        self._averager = Averager(self._dht, self.config.sync.averager(
+            listen_host=sw.host, announce_host=self.announce_host, client_mode=sw.client_mode))
         self._check_compatible()
         if self.config.checkpoint.resume:
             self._resume_from_checkpoint()
-        self._server = StateServer(self._averager.matchmaker._server, lambda: self._state)
-        self._server.start()
+        if self._averager.matchmaker.store is not None:  # client-mode peers cannot serve state
+            self._server = StateServer(self._averager.matchmaker.store, lambda: self._state)
+            self._server.start()
         self._announcer = Announcer(self._dht, period=sw.announce_period, ttl=sw.peer_ttl)
         self._announcer.update(self._record())
         self._announcer.publish()
@@ -239,7 +241,7 @@ class Peer:
     def _record(self) -> PeerRecord:
         return PeerRecord(
             round=self.round, fingerprint=self.fingerprint, schema=describe_schema(self.schema), digest=self.digest,
-            host=self.announce_host, port=self._averager.matchmaker.port if self._averager else 1,
+            host=self.announce_host, port=self._averager.matchmaker.port if self._averager else 0,
             step=self.local_step, samples=self.total_samples, loss=self.last_loss,
             device=self.device.type, version=VERSION,
         )
@@ -284,7 +286,7 @@ class Peer:
         best = min(votes, key=lambda d: (-votes[d], d))
         if top == self.round and best == self.digest:
             return
-        donors = [r for r in at_top if r.digest == best and r.peer_id != ""]
+        donors = [r for r in at_top if r.digest == best and r.peer_id != "" and r.port > 0]
         try:
             state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
                                    timeout=self.config.sync.join_timeout * 4)

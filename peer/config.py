@@ -105,10 +105,11 @@ class SyncConfig:
             window=self.matchmaking_window, join_timeout=self.join_timeout,
         )
 
-    def averager(self, *, listen_host: str, announce_host: str) -> AveragerConfig:
+    def averager(self, *, listen_host: str, announce_host: str, client_mode: bool = False) -> AveragerConfig:
         return AveragerConfig(
             listen_host=listen_host, announce_host=announce_host,
             allreduce_timeout=self.allreduce_timeout, codec=self.compression, matchmaking=self.matchmaking(),
+            client_mode=client_mode,
         )
 
 

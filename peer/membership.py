@@ -31,7 +31,7 @@ class PeerRecord:
     schema: str  # human summary of the model, for error messages
     digest: str  # sha256 of θ_sync after `round`
     host: str  # where this peer's store serves state downloads
-    port: int
+    port: int  # 0: cannot serve (client mode, behind NAT)
     step: int = 0
     samples: int = 0
     loss: float | None = None
@@ -60,7 +60,7 @@ class PeerRecord:
             return None
         ints_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (r.round, r.step, r.samples))
         strs_ok = all(isinstance(v, str) and len(v) <= _MAX_STR for v in (r.fingerprint, r.schema, r.digest, r.host, r.device, r.version))
-        port_ok = isinstance(r.port, int) and not isinstance(r.port, bool) and 0 < r.port < 65536
+        port_ok = isinstance(r.port, int) and not isinstance(r.port, bool) and 0 <= r.port < 65536
         loss_ok = r.loss is None or _finite_number(r.loss)
         return r if ints_ok and strs_ok and port_ok and loss_ok and _finite_number(r.t) else None
 

@@ -81,7 +81,7 @@ def test_parse_rejects_huge_or_non_string(key):
     assert PeerRecord.parse("p", {**VALID, key: ["list"]}) is None
 
 
-@pytest.mark.parametrize("port", [0, -1, 65536, 10**6, "40123", 40123.0, None])
+@pytest.mark.parametrize("port", [-1, 65536, 10**6, "40123", 40123.0, None])
 def test_parse_rejects_bad_port(port):
     assert PeerRecord.parse("p", {**VALID, "port": port}) is None
 
@@ -206,3 +206,8 @@ def test_matchmaking_config_validation(kw, match):
 def test_matchmaking_config_keyword_only():
     with pytest.raises(TypeError):
         MatchmakingConfig(2, 64)  # type: ignore[misc]
+
+
+def test_peer_record_port_zero_means_cannot_serve():
+    """Client-mode peers (behind NAT) announce port 0: counted as members, never used as donors."""
+    assert PeerRecord.parse("p", {**VALID, "port": 0}) is not None

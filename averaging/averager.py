@@ -76,10 +76,12 @@ class Averager:
             combined = (delta.detach().reshape(-1).cpu().float() * weight + sum(x for _, _, x in uploads)) / total
             result = weighted_allreduce(group, combined, total, host=self.cfg.announce_host, timeout_s=timeout,
                                         codec=self.compression)
-            publish_to_clients(group, result, [pid for pid, _, _ in uploads])
-            if result.mean_delta is not None:
-                result = RoundResult(result.round, result.status, result.members, result.weights, result.duration_s,
-                                     result.bytes_sent, result.error, result.mean_delta.to(delta.device))
+            included = [pid for pid, _, _ in uploads]
+            # Report the clients whose contributions went in as members of the round.
+            result = RoundResult(result.round, result.status, result.members + tuple(included), result.weights,
+                                 result.duration_s, result.bytes_sent, result.error,
+                                 None if result.mean_delta is None else result.mean_delta.to(delta.device))
+            publish_to_clients(group, result, included)
         else:
             result = weighted_allreduce(group, delta, weight, host=self.cfg.announce_host, timeout_s=timeout,
                                         codec=self.compression)

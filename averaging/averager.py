@@ -91,5 +91,9 @@ class Averager:
             time.monotonic() - t0, result.bytes_sent, result.error, result.mean_delta,
         )
 
+    def reset_compression(self) -> None:
+        """Forget error-feedback residuals (after adopting a downloaded state they are stale)."""
+        self.compression = Compression.named(self.cfg.codec)
+
     def close(self) -> None:
         self.matchmaker.close()

@@ -15,7 +15,7 @@ from .node import BootstrapConfig, BootstrapNode
 
 
 def parse(argv: list[str] | None) -> BootstrapConfig:
-    p = OneLineParser(prog="swarm-bootstrap", description="Run a swarmtrain bootstrap node.",
+    p = OneLineParser(prog="swarm-bootstrap", description="Run a swarmtrain bootstrap node.", allow_abbrev=False,
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="TOML file with these same keys (flags override it)")
     configlib.add_arguments(p, BootstrapConfig)

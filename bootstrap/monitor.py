@@ -37,4 +37,5 @@ class RunStatus:
 
 
 def run_status(dht: SwarmDHT) -> RunStatus:
-    return RunStatus(tuple(sorted(live_peers(dht).values(), key=lambda p: p.peer_id)))
+    trainers = [p for p in live_peers(dht).values() if p.role == "trainer"]
+    return RunStatus(tuple(sorted(trainers, key=lambda p: p.peer_id)))

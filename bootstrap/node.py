@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from averaging.dht import SwarmDHT
 from peer.config import validate_multiaddr
 from peer.configlib import doc
 
+from .archive import Archivist
 from .identity import ensure_identity
 from .monitor import run_status
 
@@ -25,6 +27,9 @@ class BootstrapConfig:
     initial_peers: list[str] = doc([], "other bootstrap nodes or peers of the same swarm (optional)")
     monitor_every: float = doc(10.0, "seconds between status lines (0 = no status lines)")
     maddrs_file: str = doc("", "also write this node's multiaddrs to this file, one per line")
+    checkpoint_dir: str = doc("", "archivist mode: keep the swarm's state here and serve it ('' = off)")
+    keep_last: int = doc(5, "archivist: number of newest checkpoints to keep (0 = all)")
+    archive_every: float = doc(5.0, "archivist: seconds between checks for a newer swarm state")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -33,6 +38,10 @@ class BootstrapConfig:
             raise ValueError(f"monitor_every must be >= 0, got {self.monitor_every}")
         for a in self.initial_peers:
             validate_multiaddr(a)
+        if self.announce_host and self.port == 0:
+            raise ValueError("announce_host needs a fixed --port (the advertised address must not change)")
+        if self.keep_last < 0 or self.archive_every <= 0:
+            raise ValueError("keep_last must be >= 0 and archive_every > 0")
 
 
 class BootstrapNode:
@@ -41,6 +50,7 @@ class BootstrapNode:
     def __init__(self, cfg: BootstrapConfig) -> None:
         self.cfg = cfg
         self.dht: SwarmDHT | None = None
+        self.archivist: Archivist | None = None
 
     def start(self) -> list[str]:
         """Start the DHT node; return its multiaddrs. Raises StateError / NetworkError (one line)."""
@@ -53,6 +63,10 @@ class BootstrapNode:
             identity_path=self.cfg.identity,
         )
         maddrs = self.dht.visible_maddrs()
+        if self.cfg.checkpoint_dir:
+            host = self.cfg.announce_host or (self.cfg.host if self.cfg.host != "0.0.0.0" else "127.0.0.1")
+            self.archivist = Archivist(self.dht, ckpt_dir=self.cfg.checkpoint_dir, keep_last=self.cfg.keep_last,
+                                       listen_host=self.cfg.host, announce_host=host)
         if self.cfg.maddrs_file:
             with open(self.cfg.maddrs_file, "w") as f:
                 f.write("\n".join(maddrs) + "\n")
@@ -65,14 +79,24 @@ class BootstrapNode:
         return f"swarm-peer --join {best}{run}"
 
     def serve(self, stop: threading.Event) -> None:
-        """Log the run's status every `monitor_every` seconds until `stop` is set."""
+        """Log the run's status (and archive its state) periodically until `stop` is set."""
         assert self.dht is not None
-        period = self.cfg.monitor_every or 3600.0
-        while not stop.wait(period):
-            if self.cfg.monitor_every:
+        periods = [p for p in (self.cfg.monitor_every, self.cfg.archive_every if self.archivist else 0) if p]
+        tick = min(periods, default=3600.0)
+        next_status = next_archive = time.monotonic()
+        while not stop.wait(min(tick, 1.0)):
+            now = time.monotonic()
+            if self.archivist is not None and now >= next_archive:
+                next_archive = now + self.cfg.archive_every
+                self.archivist.poll()
+            if self.cfg.monitor_every and now >= next_status:
+                next_status = now + self.cfg.monitor_every
                 log.info("run %r: %s", self.cfg.run_id, run_status(self.dht).line())
 
     def close(self) -> None:
+        if self.archivist is not None:
+            self.archivist.close()
+            self.archivist = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None

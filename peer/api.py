@@ -37,7 +37,7 @@ from averaging.flat import describe_schema, flatten_params, parameter_schema, sc
 from averaging.outer import OuterOptimizer
 
 from .config import PeerConfig
-from .membership import Announcer, PeerRecord, live_peers
+from .membership import Announcer, PeerRecord, consensus, donors_for, live_peers
 from .schedule import SyncSchedule
 from .state import CheckpointDir, SwarmState
 from .transfer import StateServer, download_state
@@ -117,12 +117,16 @@ class Peer:
         self._announcer.start()
         self._reconcile(startup=True)
         log.info("peer %s joined run %r: %s, round %d", self.peer_id[-8:], sw.run_id, describe_schema(self.schema), self.round)
+        if not sw.client_mode:
+            log.info("others can join through this peer: %s", " ".join(self._dht.visible_maddrs()))
 
     def close(self, save: bool = True) -> None:
         """Leave the swarm: stop background threads and the DHT, save a final checkpoint. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if save and self._server is not None and self._dht is not None:
+            self._hand_off()
         for part in (self._announcer, self._server, self._averager):
             if part is not None:
                 part.close()
@@ -130,6 +134,29 @@ class Peer:
             self._dht.shutdown()
         if save and self._ckpt is not None and self.round > 0:
             self._save_checkpoint()
+
+    def _hand_off(self, timeout: float = 20.0) -> None:
+        """Before leaving, let archivists that are behind fetch our newer state (bounded wait).
+
+        Without this, the last trainers of a run could leave right after a round and the
+        archivist would never see it.
+        """
+        deadline = time.monotonic() + timeout
+        announced = False
+        while time.monotonic() < deadline:
+            try:
+                behind = [r for r in self._others() if r.role == "archivist" and r.fingerprint == self.fingerprint
+                          and r.round < self.round]
+            except Exception as e:  # the DHT may already be failing while we leave; leave anyway
+                log.warning("could not check for archivists while leaving: %s", e)
+                return
+            if not behind:
+                return
+            if not announced:
+                log.info("leaving: waiting up to %.0fs for %d archivist(s) to fetch round %d", timeout, len(behind), self.round)
+                announced = True
+            time.sleep(0.5)
+        log.warning("leaving without handing round %d to the archivist (timed out)", self.round)
 
     def __enter__(self) -> "Peer":
         return self
@@ -168,8 +195,10 @@ class Peer:
         return None
 
     def report_loss(self, loss: float) -> None:
-        """Tell the swarm the current training loss (shown by monitors)."""
+        """Tell the swarm the current training loss (shown by monitors at the next announce)."""
         self.last_loss = float(loss)
+        if self._announcer is not None:
+            self._announcer.update(self._record())
 
     def sync(self) -> RoundResult:
         """Average with the peers at this round now. Never raises for network faults."""
@@ -222,6 +251,8 @@ class Peer:
         write_flat_(self._params, self.outer.theta_sync.to(self.device))
         self.round = state.round
         self.samples_since_sync = 0
+        if self._averager is not None:
+            self._averager.reset_compression()
         self._set_state(SwarmState(state.round, self.fingerprint, self.outer.theta_sync, self.outer.momentum_buf, self.total_samples))
         log.info("continuing from round %d (%s)", self.round, source)
 
@@ -248,14 +279,16 @@ class Peer:
 
     def _meeting_key(self) -> str:
         # Only peers with the same model, round and θ_sync can average meaningfully.
-        return f"{self.fingerprint}.{self.digest[:16]}"
+        # The codec is part of the key too: peers with different codecs cannot share a round.
+        return f"{self.fingerprint}.{self.config.sync.compression}.{self.digest[:16]}"
 
     def _others(self) -> list[PeerRecord]:
         assert self._dht is not None
         return [r for pid, r in live_peers(self._dht).items() if pid != self.peer_id]
 
     def _expected_group_size(self) -> int:
-        same = [r for r in self._others() if r.fingerprint == self.fingerprint and r.round == self.round and r.digest == self.digest]
+        same = [r for r in self._others() if r.role == "trainer" and r.fingerprint == self.fingerprint
+                and r.round == self.round and r.digest == self.digest]
         return 1 + len(same)
 
     def _check_compatible(self) -> None:
@@ -274,19 +307,12 @@ class Peer:
         smallest digest, so every peer picks the same one).
         """
         peers = [r for r in self._others() if r.fingerprint == self.fingerprint]
-        if not peers:
+        if not peers or max(r.round for r in peers) < self.round:
             return
-        top = max(r.round for r in peers)
-        if top < self.round:
-            return
-        at_top = [r for r in peers if r.round == top]
-        if top == self.round:
-            at_top.append(self._record())
-        votes = Counter(r.digest for r in at_top)
-        best = min(votes, key=lambda d: (-votes[d], d))
+        top, best = consensus([*peers, self._record()])  # type: ignore[misc]
         if top == self.round and best == self.digest:
             return
-        donors = [r for r in at_top if r.digest == best and r.peer_id != "" and r.port > 0]
+        donors = donors_for(peers, top, best)
         try:
             state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
                                    timeout=self.config.sync.join_timeout * 4)
@@ -305,6 +331,7 @@ def _detect_announce_host(listen_host: str, maddrs: list[str]) -> str:
         if len(parts) > 2 and parts[1] == "ip4" and parts[2] not in ("0.0.0.0", "127.0.0.1"):
             return parts[2]
     try:
-        return socket.gethostbyname(socket.gethostname())
+        addr = socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+    return "127.0.0.1" if addr.startswith("127.") else addr  # Debian maps the hostname to 127.0.1.1

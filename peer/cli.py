@@ -23,7 +23,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse(argv: list[str] | None) -> RunConfig:
-    p = OneLineParser(prog="swarm-peer", description="Join a swarmtrain run and train.",
+    p = OneLineParser(prog="swarm-peer", description="Join a swarmtrain run and train.", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="TOML run config (flags override it)")
     p.add_argument("--join", action="append", default=[], metavar="MULTIADDR",
@@ -69,9 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run(cfg, stop)
-    except (SwarmError, DataError, configlib.ConfigError) as e:
+    except (SwarmError, DataError, ValueError) as e:  # ValueError: e.g. --train.device cuda without CUDA
         print(f"swarm-peer: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("swarm-peer: interrupted twice; left without finishing the round or saving", file=sys.stderr)
+        return 130
     if cfg.train.summary_file:
         write_json_atomic(cfg.train.summary_file, summary)
     print("SUMMARY " + json.dumps(summary), flush=True)

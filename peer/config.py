@@ -52,7 +52,7 @@ class SwarmConfig:
     host: str = doc("0.0.0.0", "IP address to listen on")
     port: int = doc(0, "TCP port for the DHT (0 = any free port)")
     announce_host: str = doc("", "IP address other peers use to reach this one ('' = detect)")
-    client_mode: bool = doc(False, "do not accept incoming DHT connections (for peers behind NAT)")
+    client_mode: bool = doc(False, "behind NAT: open no listening socket; average through the group leader (costs the leader bandwidth)")
     identity_path: str = doc("", "file with this peer's private key, for a stable peer id ('' = new id each start)")
     startup_timeout: float = doc(30.0, "seconds to wait for the DHT to start and reach the initial peers")
     announce_period: float = doc(2.0, "seconds between refreshes of this peer's record in the DHT")
@@ -95,6 +95,8 @@ class SyncConfig:
         self.matchmaking()  # validates group sizes and timeouts
         if self.allreduce_timeout <= 0:
             raise ValueError(f"allreduce_timeout must be > 0, got {self.allreduce_timeout}")
+        if self.compression not in ("fp32", "fp16", "bf16", "int8"):
+            raise ValueError(f"compression must be fp32, fp16, bf16 or int8, got {self.compression!r}")
 
     def outer(self) -> OuterConfig:
         return OuterConfig(lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov)

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from peer.device import autocast
+from .configlib import doc
 
 
 class DataError(ValueError):
@@ -67,20 +68,13 @@ def parse_shard(spec: str) -> tuple[int, int] | None:
 class DataConfig:
     """Where the training tokens come from and how this peer samples them."""
 
-    # Corpus kind: "stdlib" (Python's own sources), "text" (user files) or "tokens".
-    source: str = "stdlib"
-    # "text": files and/or directories (walked recursively); "tokens": exactly one file.
-    paths: list[str] = field(default_factory=list)
-    # Element type of a raw (non-.npy) token file: "uint8", "uint16" or "uint32".
-    token_dtype: str = "uint16"
-    # Sequences per training batch on this peer.
-    batch_size: int = 16
-    # Fraction of the corpus held out for validation, 0 < f < 0.5.
-    val_fraction: float = 0.05
-    # "auto" (sample the whole corpus with a per-peer seed) or "i/n" (only chunk i of n).
-    shard: str = "auto"
-    # Cap on corpus bytes for "stdlib"/"text" so loading stays fast; 0 = no cap.
-    max_bytes: int = 8_000_000
+    source: str = doc("stdlib", 'Corpus kind: "stdlib" (Python\'s own sources), "text" (user files) or "tokens".')
+    paths: list[str] = doc([], '"text": files and/or directories (walked recursively); "tokens": exactly one file.')
+    token_dtype: str = doc("uint16", 'Element type of a raw (non-.npy) token file: "uint8", "uint16" or "uint32".')
+    batch_size: int = doc(16, 'Sequences per training batch on this peer.')
+    val_fraction: float = doc(0.05, 'Fraction of the corpus held out for validation, 0 < f < 0.5.')
+    shard: str = doc("auto", '"auto" (sample the whole corpus with a per-peer seed) or "i/n" (only chunk i of n).')
+    max_bytes: int = doc(8_000_000, 'Cap on corpus bytes for "stdlib"/"text" so loading stays fast; 0 = no cap.')
 
     def __post_init__(self) -> None:
         if self.source not in _SOURCES:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +39,9 @@ class PeerRecord:
     device: str = ""
     version: str = ""
     t: float = 0.0
+    # "trainer" takes part in rounds; "archivist" (a bootstrap node keeping checkpoints) only
+    # serves state, so it is a download donor but is never waited for in matchmaking.
+    role: str = "trainer"
 
     def to_record(self) -> dict[str, Any]:
         d = asdict(self)
@@ -55,6 +59,7 @@ class PeerRecord:
                 round=rec["round"], fingerprint=rec["fingerprint"], schema=rec["schema"], digest=rec["digest"],
                 host=rec["host"], port=rec["port"], step=rec.get("step", 0), samples=rec.get("samples", 0),
                 loss=rec.get("loss"), device=rec.get("device", ""), version=rec.get("version", ""), t=rec.get("t", 0.0),
+                role=rec.get("role", "trainer"),
             )
         except (KeyError, TypeError):
             return None
@@ -62,7 +67,8 @@ class PeerRecord:
         strs_ok = all(isinstance(v, str) and len(v) <= _MAX_STR for v in (r.fingerprint, r.schema, r.digest, r.host, r.device, r.version))
         port_ok = isinstance(r.port, int) and not isinstance(r.port, bool) and 0 <= r.port < 65536
         loss_ok = r.loss is None or _finite_number(r.loss)
-        return r if ints_ok and strs_ok and port_ok and loss_ok and _finite_number(r.t) else None
+        role_ok = r.role in ("trainer", "archivist")
+        return r if ints_ok and strs_ok and port_ok and loss_ok and role_ok and _finite_number(r.t) else None
 
 
 def _finite_number(x: Any) -> bool:
@@ -77,6 +83,24 @@ def live_peers(dht: SwarmDHT) -> dict[str, PeerRecord]:
         if parsed is not None:
             out[pid] = parsed
     return out
+
+
+def consensus(records: list[PeerRecord]) -> tuple[int, str] | None:
+    """The swarm's current state: (newest round, majority θ_sync digest at that round).
+
+    Ties go to the smallest digest, so every peer that sees the same records picks the
+    same state. None if there are no records.
+    """
+    if not records:
+        return None
+    top = max(r.round for r in records)
+    votes = Counter(r.digest for r in records if r.round == top)
+    return top, min(votes, key=lambda d: (-votes[d], d))
+
+
+def donors_for(records: list[PeerRecord], round_: int, digest: str) -> list[PeerRecord]:
+    """Peers that can serve the state (round_, digest): they announced it and they listen."""
+    return [r for r in records if r.round == round_ and r.digest == digest and r.port > 0 and r.peer_id]
 
 
 class Announcer:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .configlib import doc
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -25,18 +26,12 @@ def _check_positive_int(name: str, value: object) -> None:
 class ModelConfig:
     """Shape of the model. All peers in a swarm must use the same config."""
 
-    # Number of distinct tokens; 256 for raw bytes.
-    vocab_size: int = 256
-    # Maximum context length T (positions in the learned position embedding).
-    block_size: int = 64
-    # Number of transformer blocks.
-    n_layer: int = 2
-    # Number of attention heads per block; must divide n_embd.
-    n_head: int = 4
-    # Width of the residual stream C.
-    n_embd: int = 128
-    # Dropout probability used during training (0 disables dropout).
-    dropout: float = 0.0
+    vocab_size: int = doc(256, 'Number of distinct tokens; 256 for raw bytes.')
+    block_size: int = doc(64, 'Maximum context length T (positions in the learned position embedding).')
+    n_layer: int = doc(2, 'Number of transformer blocks.')
+    n_head: int = doc(4, 'Number of attention heads per block; must divide n_embd.')
+    n_embd: int = doc(128, 'Width of the residual stream C.')
+    dropout: float = doc(0.0, 'Dropout probability used during training (0 disables dropout).')
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):

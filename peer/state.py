@@ -52,7 +52,8 @@ class SwarmState:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, source: str, fingerprint: str, numel: int) -> "SwarmState":
+    def from_bytes(cls, data: bytes, *, source: str, fingerprint: str | None, numel: int | None) -> "SwarmState":
+        """fingerprint=None / numel=None accept any model (an archivist does not know the model)."""
         """Parse and validate. Raises StateError / ModelMismatchError with a one-line message."""
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -60,12 +61,14 @@ class SwarmState:
             raise StateError(f"{source}: not a swarmtrain state ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from e
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise StateError(f"{source}: not a swarmtrain state (format {obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r})")
+        if fingerprint is None and isinstance(obj.get("fingerprint"), str):
+            fingerprint = obj["fingerprint"]
         if obj.get("fingerprint") != fingerprint:
             raise ModelMismatchError(
                 f"{source}: saved for model {obj.get('fingerprint')!r}, this model is {fingerprint!r} (different architecture)"
             )
         theta, mom, rnd = obj.get("theta_sync"), obj.get("momentum_buf"), obj.get("round")
-        if not isinstance(theta, torch.Tensor) or theta.dtype != torch.float32 or theta.numel() != numel:
+        if not isinstance(theta, torch.Tensor) or theta.dtype != torch.float32 or (numel is not None and theta.numel() != numel):
             raise StateError(f"{source}: parameter vector is malformed (expected {numel} fp32 values)")
         if mom is not None and (not isinstance(mom, torch.Tensor) or mom.shape != theta.shape or mom.dtype != torch.float32):
             raise StateError(f"{source}: momentum buffer is malformed")
@@ -120,7 +123,7 @@ class CheckpointDir:
         return files[-1] if files else None
 
     @staticmethod
-    def load(path: str | Path, *, fingerprint: str, numel: int) -> SwarmState:
+    def load(path: str | Path, *, fingerprint: str | None, numel: int | None) -> SwarmState:
         """Load and validate a checkpoint file. The file is never modified."""
         p = Path(path)
         try:

@@ -93,7 +93,7 @@ class StateServer:
                 self._store.delete_key(key)
 
 
-def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int, timeout: float) -> SwarmState:
+def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int | None, timeout: float) -> SwarmState:
     """Download and verify one donor's state. Raises StateError on any failure."""
     name = f"peer {donor.peer_id[-8:]} ({donor.host}:{donor.port})"
     try:
@@ -116,7 +116,7 @@ def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int, timeout: flo
 
 
 def download_state(
-    donors: Sequence[PeerRecord], *, fingerprint: str, numel: int, timeout: float = 30.0
+    donors: Sequence[PeerRecord], *, fingerprint: str, numel: int | None, timeout: float = 30.0
 ) -> SwarmState:
     """Fetch the newest state from the first donor that delivers a verified copy.
 

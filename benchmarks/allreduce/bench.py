@@ -201,6 +201,8 @@ def summarize(mode: str, results: list[dict], n: int, size_mb: float, B: float) 
         pg = [max(r[mode]["pg_create_s"][k] for r in results) for k in range(reps)]
         s["pg_create_s"] = [round(t, 4) for t in pg]
         s["pg_create_median_s"] = round(statistics.median(pg), 4)
+        for key in ("prep_s", "pg_release_s", "post_s", "total_s"):  # local overheads of weighted_allreduce's fp32 path
+            s[key + "_median"] = round(statistics.median(max(r[mode][key][k] for r in results) for k in range(reps)), 4)
     if mode == "gloo":
         s["init_s"] = round(max(r[mode]["init_s"][0] for r in results), 4)
     return s
@@ -209,6 +211,9 @@ def summarize(mode: str, results: list[dict], n: int, size_mb: float, B: float) 
 def md_row(n: int, size_mb: float, rate: str, codec: str, B: float, s: dict) -> str:
     rdv = s.get("pg_create_median_s", s.get("init_s"))
     rdv_txt = f"{rdv:.3f}" + (" (once, not timed)" if s["method"] == "gloo" else "") if rdv is not None else "incl."
+    if s["method"] == "split":
+        rdv_txt += f"; +buffer prep {s['prep_s_median']:.3f}, PG release {s['pg_release_s_median']:.3f}, " \
+                   f"checks {s['post_s_median']:.3f}; sum of steps {s['total_s_median']:.3f}"
     return (f"| {n} | {size_mb:g} | {rate} | {codec if s['method'] == 'swarm' else 'fp32'} | {METHOD_NAMES[s['method']]} | "
             f"{B:.2f} | {s['median_s']:.3f} | {', '.join(f'{t:.2f}' for t in s['times_s'])} | {s['bound_s']:.3f} | "
             f"**{s['ratio']:.3f}** | {100 * s['cpu_per_worker']:.0f}% | {rdv_txt} |")
@@ -252,7 +257,8 @@ def run_config(n: int, rate: str, sizes: list[float], codecs: list[str], repeats
                     rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "N": n, "S_MB": size_mb, "rate": rate,
                            "codec": codec if mode == "swarm" else "fp32", "B_MBps": round(B, 3),
                            "bandwidth_probe": bw, **s, "wall_s": round(wall, 1),
-                           "loadavg_before": load0, "max_rss_mb": max(r["max_rss_mb"] for r in results),
+                           "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
+                           "per_rank": [{k: v for k, v in r[mode].items()} for r in results], "max_rss_mb": max(r["max_rss_mb"] for r in results),
                            "machine": info}
                     with open(RESULTS_JSONL, "a") as f:
                         f.write(json.dumps(rec) + "\n")

@@ -93,11 +93,16 @@ class StateServer:
                 self._store.delete_key(key)
 
 
-def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int | None, timeout: float) -> SwarmState:
-    """Download and verify one donor's state. Raises StateError on any failure."""
+def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int | None, timeout: float,
+                connect_timeout: float = 5.0) -> SwarmState:
+    """Download and verify one donor's state. Raises StateError on any failure.
+
+    A donor that is gone (its record has not expired yet) fails within `connect_timeout`.
+    """
     name = f"peer {donor.peer_id[-8:]} ({donor.host}:{donor.port})"
     try:
-        store = TCPStore(donor.host, donor.port, is_master=False, timeout=timedelta(seconds=timeout))
+        store = TCPStore(donor.host, donor.port, is_master=False, timeout=timedelta(seconds=min(connect_timeout, timeout)))
+        store.set_timeout(timedelta(seconds=timeout))
         k = store.add("state/req", 1)
         store.set(f"state/req/{k}", "1")
         store.wait([f"state/resp/{k}/meta"], timedelta(seconds=timeout))

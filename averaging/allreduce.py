@@ -65,6 +65,13 @@ class RoundResult:
         return self.status == "complete"
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True if t has no NaN/Inf. One reduction instead of a full boolean pass: a NaN or Inf
+    anywhere makes the sum non-finite; only if the sum overflows do we check element-wise."""
+    s = t.sum()
+    return bool(torch.isfinite(s)) or bool(torch.isfinite(t).all())
+
+
 def ring_bytes(nbytes: int, n: int) -> int:
     """Bytes each peer sends in a ring all-reduce of `nbytes` over n peers."""
     return 0 if n <= 1 else int(2 * (n - 1) / n * nbytes)
@@ -117,8 +124,9 @@ def weighted_allreduce(
     n, r = group.size, group.rank
     P = delta.numel()
     # Private buffer on CPU: gloo reduces in place and corrupts the buffer if a peer dies.
-    buf = torch.zeros(P + 2 * n, dtype=torch.float32)
-    buf[:P].copy_(delta.reshape(-1)).mul_(weight)
+    buf = torch.empty(P + 2 * n, dtype=torch.float32)
+    torch.mul(delta.reshape(-1).to("cpu", torch.float32), weight, out=buf[:P])
+    buf[P:] = 0.0
     buf[P + r] = weight
     buf[P + n + r] = 1.0
     sent = ring_bytes(buf.numel() * 4, n)
@@ -143,7 +151,7 @@ def weighted_allreduce(
     if not (total > 0 and math.isfinite(total)):
         return failed(f"invalid total weight {total}", weights)
     mean = buf[:P].div_(total)
-    if not torch.isfinite(mean).all():
+    if not all_finite(mean):
         return failed("non-finite values in the averaged result", weights)
     return RoundResult(
         group.round, "complete", group.members, weights, time.monotonic() - t0, sent, None, mean.to(delta.device)
@@ -209,7 +217,7 @@ def _compressed_allreduce(
         return failed(f"undecodable data from a peer: {e}")
     finally:
         pg = None
-    if not torch.isfinite(mean).all():
+    if not all_finite(mean):
         return failed("non-finite values in the averaged result", weights)
     for fb, s, res in pending:  # the round completed: the quantization errors are now "sent"
         fb.commit(s, res)

@@ -106,7 +106,7 @@ class Compression:
 
 def weighted_allreduce(
     group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float,
-    codec: str | Compression = "fp32",
+    codec: str | Compression = "fp32", pipeline_chunk: int = 0,
 ) -> RoundResult:
     """Average `delta` [P] over the group, weighted by each member's `weight`.
 
@@ -119,7 +119,8 @@ def weighted_allreduce(
         raise ValueError(f"weight must be positive and finite, got {weight}")
     comp = Compression.named(codec) if isinstance(codec, str) else codec
     if not comp.codec.lossless:
-        return _compressed_allreduce(group, delta, weight, host=host, timeout_s=timeout_s, comp=comp)
+        return _compressed_allreduce(group, delta, weight, host=host, timeout_s=timeout_s, comp=comp,
+                                     chunk=pipeline_chunk or PIPELINE_CHUNK)
     t0 = time.monotonic()
     n, r = group.size, group.rank
     P = delta.numel()
@@ -158,8 +159,13 @@ def weighted_allreduce(
     )
 
 
+# Compressed rounds are pipelined in chunks of this many values: while gloo sends chunk k,
+# this thread encodes chunk k+1, so the codec's CPU time hides behind the transfer.
+PIPELINE_CHUNK = 1 << 21
+
+
 def _compressed_allreduce(
-    group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float, comp: Compression
+    group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float, comp: Compression, chunk: int
 ) -> RoundResult:
     t0 = time.monotonic()
     n, r = group.size, group.rank
@@ -167,24 +173,16 @@ def _compressed_allreduce(
     codec = comp.codec
     comp.ensure(P)
     assert comp.contrib is not None and comp.mean is not None
-    parts = partition(P, n)
     meta = torch.zeros(2 * n, dtype=torch.float32)
     meta[r], meta[n + r] = weight, 1.0
     x = delta.detach().reshape(-1).to("cpu", torch.float32) * weight  # private copy [P]
+    # Each chunk [c0, c1) is split into n parts; part j of every member's chunk goes to member j.
+    chunks = [[(c0 + s, c0 + e) for s, e in partition(min(c0 + chunk, P) - c0, n)] for c0 in range(0, P, chunk)]
+    pending: list = []  # error-feedback residuals, committed only if the round completes
+    sent = ring_bytes(meta.numel() * 4, n)
+    weights: tuple[float, ...] = ()
 
-    # Encode every part of our contribution (residuals are committed only on success).
-    encoded, pending = [], []
-    for s, e in parts:
-        data, _, res = comp.contrib.compress(x[s:e], s)
-        encoded.append(data)
-        pending.append((comp.contrib, s, res))
-    in_splits = [d.numel() for d in encoded]
-    my_s, my_e = parts[r]
-    part_bytes = codec.wire_bytes(my_e - my_s)
-    max_bytes = codec.wire_bytes(max(e - s for s, e in parts))
-    sent = ring_bytes(meta.numel() * 4, n) + sum(in_splits) - in_splits[r] + (n - 1) * max_bytes
-
-    def failed(msg: str, weights: tuple[float, ...] = ()) -> RoundResult:
+    def failed(msg: str) -> RoundResult:
         log.warning("round %d failed: %s", group.round, msg)
         return RoundResult(group.round, "failed", group.members, weights, time.monotonic() - t0, sent, msg)
 
@@ -193,24 +191,45 @@ def _compressed_allreduce(
         pg.allreduce([meta]).wait()
         weights = tuple(float(w) for w in meta[:n])
         if not torch.equal(meta[n:], torch.ones(n)):
-            return failed(f"incomplete: members present = {meta[n:].tolist()}", weights)
+            return failed(f"incomplete: members present = {meta[n:].tolist()}")
         total = sum(weights)
         if not (total > 0 and math.isfinite(total)):
-            return failed(f"invalid total weight {total}", weights)
-        # Phase 2: reduce-scatter. We receive part r of every member's contribution.
-        received = torch.empty(n * part_bytes, dtype=torch.uint8)
-        pg.alltoall_base(received, torch.cat(encoded), [part_bytes] * n, in_splits).wait()
-        acc = torch.zeros(my_e - my_s, dtype=torch.float32)
-        for i in range(n):
-            acc += codec.decode(received[i * part_bytes : (i + 1) * part_bytes], my_e - my_s)
-        mean_data, _, res = comp.mean.compress(acc / total, my_s)
-        pending.append((comp.mean, my_s, res))
-        # Phase 3: all-gather the encoded mean parts (padded to equal size for gloo).
-        padded = torch.zeros(max_bytes, dtype=torch.uint8)
-        padded[: mean_data.numel()] = mean_data
-        gathered = [torch.empty(max_bytes, dtype=torch.uint8) for _ in range(n)]
-        pg.allgather([gathered], [padded]).wait()
-        mean = torch.cat([codec.decode(gathered[j][: codec.wire_bytes(e - s)], e - s) for j, (s, e) in enumerate(parts)])
+            return failed(f"invalid total weight {total}")
+        # Phase 2, reduce-scatter: encode each chunk and issue its all-to-all without waiting.
+        scatters = []
+        for parts in chunks:
+            encoded = []
+            for s, e in parts:
+                data, _, res = comp.contrib.compress(x[s:e], s)
+                encoded.append(data)
+                pending.append((comp.contrib, s, res))
+            part_bytes = codec.wire_bytes(parts[r][1] - parts[r][0])
+            received = torch.empty(n * part_bytes, dtype=torch.uint8)
+            splits = [d.numel() for d in encoded]
+            sent += sum(splits) - splits[r]
+            work = pg.alltoall_base(received, torch.cat(encoded), [part_bytes] * n, splits)
+            scatters.append((parts, received, part_bytes, work))
+        # Phase 3, all-gather: as each chunk's parts arrive, sum ours and send the encoded mean part.
+        gathers = []
+        for parts, received, part_bytes, work in scatters:
+            work.wait()
+            my_s, my_e = parts[r]
+            acc = torch.zeros(my_e - my_s, dtype=torch.float32)
+            for i in range(n):
+                acc += codec.decode(received[i * part_bytes : (i + 1) * part_bytes], my_e - my_s)
+            mean_data, _, res = comp.mean.compress(acc.div_(total), my_s)
+            pending.append((comp.mean, my_s, res))
+            max_bytes = codec.wire_bytes(max(e - s for s, e in parts))
+            padded = torch.zeros(max_bytes, dtype=torch.uint8)
+            padded[: mean_data.numel()] = mean_data
+            gathered = [torch.empty(max_bytes, dtype=torch.uint8) for _ in range(n)]
+            sent += (n - 1) * max_bytes
+            gathers.append((parts, gathered, pg.allgather([gathered], [padded])))
+        mean = torch.empty(P, dtype=torch.float32)
+        for parts, gathered, work in gathers:
+            work.wait()
+            for j, (s, e) in enumerate(parts):
+                mean[s:e] = codec.decode(gathered[j][: codec.wire_bytes(e - s)], e - s)
     except RuntimeError as e:
         return failed(f"{codec.name} all-reduce over {n} peers failed: {_first_line(e)}")
     except CodecError as e:
@@ -218,7 +237,7 @@ def _compressed_allreduce(
     finally:
         pg = None
     if not all_finite(mean):
-        return failed("non-finite values in the averaged result", weights)
+        return failed("non-finite values in the averaged result")
     for fb, s, res in pending:  # the round completed: the quantization errors are now "sent"
         fb.commit(s, res)
     return RoundResult(group.round, "complete", group.members, weights, time.monotonic() - t0, sent, None,

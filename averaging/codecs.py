@@ -45,23 +45,33 @@ class Codec:
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 [n] → uint8 [wire_bytes(n)]."""
+        return self.encode_decoded(x)[0]
+
+    def encode_decoded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bytes, what the receiver will decode from them), computed in one pass."""
         x = x.detach().reshape(-1).to("cpu", torch.float32)
         if self.name == "fp32":
-            return x.contiguous().view(torch.uint8).clone()
+            return x.contiguous().view(torch.uint8).clone(), x
         if self.name == "fp16":
             # Saturate instead of overflowing to inf (a peer's extreme value must not become NaN/inf).
-            return x.clamp(-65504.0, 65504.0).to(torch.float16).view(torch.uint8)
+            h = x.clamp(-65504.0, 65504.0).to(torch.float16)
+            return h.view(torch.uint8), h.to(torch.float32)
         if self.name == "bf16":
-            return x.to(torch.bfloat16).view(torch.uint8)
+            b = x.to(torch.bfloat16)
+            return b.view(torch.uint8), b.to(torch.float32)
         n = x.numel()
         nb = math.ceil(n / BLOCK)
-        padded = torch.zeros(nb * BLOCK, dtype=torch.float32)
-        padded[:n] = x
-        blocks = padded.view(nb, BLOCK)  # [nb, BLOCK]
-        scale = blocks.abs().amax(dim=1) / 127.0  # [nb]
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-        return torch.cat([scale.view(torch.uint8), q.view(-1)[:n].view(torch.uint8)])
+        if n == nb * BLOCK:
+            blocks = x.view(nb, BLOCK)  # [nb, BLOCK], no copy
+        else:
+            padded = torch.zeros(nb * BLOCK, dtype=torch.float32)
+            padded[:n] = x
+            blocks = padded.view(nb, BLOCK)
+        scale = blocks.abs().amax(dim=1).div_(127.0)  # [nb]
+        inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
+        qf = blocks.mul(inv[:, None]).round_().clamp_(-127, 127)  # [nb, BLOCK] float, integral values
+        data = torch.cat([scale.view(torch.uint8), qf.to(torch.int8).view(-1)[:n].view(torch.uint8)])
+        return data, qf.mul_(scale[:, None]).view(-1)[:n]
 
     def decode(self, data: torch.Tensor, n: int) -> torch.Tensor:
         """uint8 [wire_bytes(n)] → fp32 [n]. Raises CodecError on malformed input."""
@@ -109,9 +119,8 @@ class ErrorFeedback:
         """
         n = x.numel()
         target = x + self.residual[start : start + n]
-        data = self.codec.encode(target)
-        sent = self.codec.decode(data, n)
-        return data, sent, None if self.codec.lossless else target - sent
+        data, sent = self.codec.encode_decoded(target)
+        return data, sent, None if self.codec.lossless else target.sub_(sent)
 
     def commit(self, start: int, new_residual: torch.Tensor | None) -> None:
         if new_residual is not None:

@@ -93,7 +93,8 @@ def _run_group(n: int, fn) -> list:
 
 
 @pytest.mark.timeout(120)
-def test_int8_with_error_feedback_converges_to_fp32_average():
+@pytest.mark.parametrize("chunk", [0, 3000])  # 0: default (one chunk here); 3000: a 7-chunk pipeline
+def test_int8_with_error_feedback_converges_to_fp32_average(chunk):
     n, P, rounds = 3, 20_000, 25
     xs = [torch.randn(P, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(n)]
     weights = [1.0, 2.0, 3.0]
@@ -104,7 +105,8 @@ def test_int8_with_error_feedback_converges_to_fp32_average():
     for k in range(rounds):
         def fn(store, rank, k=k):
             g = Group(k, tuple(map(str, range(n))), rank, f"ef/{k}/", store)
-            return weighted_allreduce(g, xs[rank], weights[rank], host="127.0.0.1", timeout_s=30, codec=comps[rank])
+            return weighted_allreduce(g, xs[rank], weights[rank], host="127.0.0.1", timeout_s=30, codec=comps[rank],
+                                      pipeline_chunk=chunk)
         res = _run_group(n, fn)
         assert all(r.ok for r in res), [r.error for r in res]
         for r in res[1:]:
@@ -119,15 +121,16 @@ def test_int8_with_error_feedback_converges_to_fp32_average():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name,tol", [("fp32", 1e-6), ("fp16", 2e-3), ("bf16", 2e-2)])
-def test_codecs_agree_and_are_close(name, tol):
+@pytest.mark.parametrize("name,tol", [("fp32", 1e-6), ("fp16", 2e-3), ("bf16", 2e-2), ("int8", 3e-2)])
+@pytest.mark.parametrize("chunk", [0, 1000])
+def test_codecs_agree_and_are_close(name, tol, chunk):
     n, P = 3, 12_345
     xs = [torch.randn(P, generator=torch.Generator().manual_seed(10 + i)) for i in range(n)]
     true_mean = sum(xs) / n
 
     def fn(store, rank):
-        g = Group(0, tuple(map(str, range(n))), rank, f"c/{name}/", store)
-        return weighted_allreduce(g, xs[rank], 1.0, host="127.0.0.1", timeout_s=30, codec=name)
+        g = Group(0, tuple(map(str, range(n))), rank, f"c/{name}/{chunk}/", store)
+        return weighted_allreduce(g, xs[rank], 1.0, host="127.0.0.1", timeout_s=30, codec=name, pipeline_chunk=chunk)
 
     res = _run_group(n, fn)
     assert all(r.ok for r in res)

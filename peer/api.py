@@ -24,6 +24,7 @@ import socket
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,11 @@ class Peer:
         self.rounds_failed = 0
         self.bytes_sent = 0
         self.history: list[RoundResult] = []
+        self.sync_wait_s = 0.0  # time step() spent blocked in sync (for compute utilization)
+        self._weight_in_flight = 0
+        self._in_flight: tuple[Future, torch.Tensor] | None = None
+        # Overlap mode: one worker thread owned by this Peer runs rounds in the background.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="swarmtrain-sync") if self.config.sync.overlap else None
         self.last_loss: float | None = None
         self._loss_t: torch.Tensor | None = None
         self._closed = False
@@ -125,6 +131,13 @@ class Peer:
         if self._closed:
             return
         self._closed = True
+        if self._in_flight is not None:  # finish the round in flight so its result is not lost
+            try:
+                self._collect_in_flight()
+            except Exception as e:  # a crashed worker must not prevent a clean shutdown
+                log.warning("the round in flight failed while leaving: %s", e)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if save and self._server is not None and self._dht is not None:
             self._hand_off()
         for part in (self._announcer, self._server, self._averager):
@@ -200,37 +213,77 @@ class Peer:
         if self._announcer is not None:
             self._announcer.update(self._record())
 
-    def sync(self) -> RoundResult:
-        """Average with the peers at this round now. Never raises for network faults."""
+    def sync(self) -> RoundResult | None:
+        """Average with the peers at this round now. Never raises for network faults.
+
+        With `sync.overlap`, the all-reduce runs in a background thread while training
+        goes on; its result is applied at the next sync point (one round late). Then the
+        return value is the previous round's result (None the first time).
+        """
         assert self._averager is not None
+        t0 = time.monotonic()
+        try:
+            if self.config.sync.overlap:
+                return self._sync_overlapped()
+            snap = flatten_params(self._params).cpu()
+            self._weight_in_flight = self.samples_since_sync
+            result = self._run_round(snap, float(max(self.samples_since_sync, 1)))
+            self._finish_round(result, snap)
+            self.schedule.done(result.ok)
+            return result
+        finally:
+            self.sync_wait_s += time.monotonic() - t0
+
+    def _run_round(self, snap: torch.Tensor, weight: float) -> RoundResult:
+        """Matchmaking + all-reduce of Δ = θ_sync − snap. Safe to run in a worker thread."""
+        assert self._averager is not None
+        delta = self.outer.pseudo_gradient(snap)
+        if self._expected_group_size() < self.config.sync.min_group_size:
+            return RoundResult(self.round, "failed", (self.peer_id,), (), 0.0, 0, "no other peer at this round")
+        return self._averager.average(self.round, self._meeting_key(), delta, weight, self._expected_group_size)
+
+    def _finish_round(self, result: RoundResult, snap: torch.Tensor) -> None:
+        """Apply a round's result. `snap` is θ_local when the round started: local progress made
+        since then (overlap mode) is kept on top of the new θ_sync."""
         if self._loss_t is not None:
             self.last_loss = float(self._loss_t)
-        theta_local = flatten_params(self._params).cpu()
-        delta = self.outer.pseudo_gradient(theta_local)
-        expected = self._expected_group_size()
-        if expected < self.config.sync.min_group_size:
-            result = RoundResult(self.round, "failed", (self.peer_id,), (), 0.0, 0, "no other peer at this round")
-        else:
-            result = self._averager.average(
-                self.round, self._meeting_key(), delta, float(max(self.samples_since_sync, 1)), self._expected_group_size
-            )
-        if result.ok:
-            assert result.mean_delta is not None
-            theta = self.outer.apply(result.mean_delta)
-            write_flat_(self._params, theta.to(self.device))
-            self.round += 1
-            self.samples_since_sync = 0
-            self.bytes_sent += result.bytes_sent
-            self._set_state(SwarmState(self.round, self.fingerprint, theta, self.outer.momentum_buf, self.total_samples))
-            if self._ckpt is not None and self.round % self.config.checkpoint.every_rounds == 0:
-                self._save_checkpoint()
-            log.info("round %d complete: %d peers, %.2fs", self.round, len(result.members), result.duration_s)
-        else:
+        self.history.append(result)
+        if not result.ok:
+            self._weight_in_flight = 0  # those samples count towards the next attempt
             self.rounds_failed += 1
             log.info("round %d not completed (%s); continuing to train", self.round + 1, result.error)
             self._reconcile()
-        self.schedule.done(result.ok)
-        self.history.append(result)
+            return
+        assert result.mean_delta is not None
+        theta = self.outer.apply(result.mean_delta)
+        local = flatten_params(self._params).cpu()
+        write_flat_(self._params, (theta + (local - snap)).to(self.device))
+        self.round += 1
+        self.samples_since_sync = max(0, self.samples_since_sync - self._weight_in_flight)
+        self._weight_in_flight = 0
+        self.bytes_sent += result.bytes_sent
+        self._set_state(SwarmState(self.round, self.fingerprint, theta, self.outer.momentum_buf, self.total_samples))
+        if self._ckpt is not None and self.round % self.config.checkpoint.every_rounds == 0:
+            self._save_checkpoint()
+        log.info("round %d complete: %d peers, %.2fs", self.round, len(result.members), result.duration_s)
+
+    def _sync_overlapped(self) -> RoundResult | None:
+        result = self._collect_in_flight()
+        assert self._pool is not None
+        snap = flatten_params(self._params).cpu()
+        self._weight_in_flight = max(self.samples_since_sync, 1)
+        self._in_flight = (self._pool.submit(self._run_round, snap, float(self._weight_in_flight)), snap)
+        self.schedule.done(True)  # the next sync point is a full period away
+        return result
+
+    def _collect_in_flight(self) -> RoundResult | None:
+        """Wait for the round in flight (if any) and apply it."""
+        if self._in_flight is None:
+            return None
+        future, snap = self._in_flight
+        self._in_flight = None
+        result = future.result()  # bounded: the averager's own timeouts
+        self._finish_round(result, snap)
         return result
 
     # ------------------------------------------------------------------ state

@@ -83,6 +83,7 @@ class SyncConfig:
     matchmaking_window: float = doc(15.0, "seconds to wait at a sync point for other peers")
     join_timeout: float = doc(5.0, "seconds to wait when connecting to a group leader")
     allreduce_timeout: float = doc(60.0, "seconds before a stalled all-reduce is declared failed")
+    overlap: bool = doc(False, "keep training while a round's all-reduce runs; apply its outer step one round late")
     compression: Literal["fp32", "fp16", "bf16", "int8"] = doc(
         "fp32", "wire codec: fp32 exact; fp16/bf16 half the bytes; int8 a quarter (with error feedback)")
 

@@ -49,6 +49,7 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
                                     shard=parse_shard(cfg.data.shard), seed=peer.seed))
         val_start = val_loss()
         val_final, round_losses = val_start, [(peer.round, val_start)]
+        t_train = time.monotonic()
         log.info("peer %s at round %d, validation loss %.4f", peer.peer_id[-8:], peer.round, val_start)
         while not stop.is_set():
             x, y = (t.to(device, non_blocking=True) for t in next(sampler))
@@ -77,6 +78,8 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
             "steps": peer.local_step, "samples": peer.total_samples, "val_loss_start": val_start,
             "val_loss_final": val_final, "val_loss_by_round": round_losses, "digest": peer.digest,
             "bytes_sent": peer.bytes_sent, "wall_s": round(time.monotonic() - t_start, 2),
+            "sync_wait_s": round(peer.sync_wait_s, 2),
+            "compute_utilization": round(1 - peer.sync_wait_s / max(time.monotonic() - t_train, 1e-9), 4),
             "interrupted": stop.is_set(),
         }
     return summary

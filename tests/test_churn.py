@@ -80,3 +80,22 @@ def test_training_survives_bootstrap_death_and_newcomer_joins_through_a_peer(pro
     assert "joined run" in procs.log(newcomer)
     assert summary(procs, "newcomer")["rounds"] == 12
     assert len({summary(procs, n)["digest"] for n in ("p0", "p1", "newcomer")}) == 1
+
+
+@pytest.mark.timeout(400)
+def test_slow_peer_is_not_waited_for_and_resyncs(procs):
+    """A peer 8x slower per step misses rounds: the others proceed after the matchmaking
+    window instead of waiting for it, and the slow peer catches up by downloading the state."""
+    boot, addr = procs.bootstrap()
+    common = ["--sync.every-steps", "10", "--train.max-rounds", "6", "--sync.matchmaking-window", "4"]
+    fast = [procs.peer(f"fast{i}", addr, *common) for i in range(2)]
+    slow = procs.peer("slow", addr, *common, "--data.batch-size", "128", "--train.max-steps", "150")
+    for p in fast:
+        assert wait_exit(procs, p, 300) == 0, procs.log(p)[-3000:]
+    log = procs.log(fast[0])
+    sizes = [int(k) for k in re.findall(r"round \d+ complete: (\d+) peers", log)]
+    assert sizes.count(2) >= 1, f"the fast peers never proceeded without the slow one: {sizes}"
+    assert summary(procs, "fast0")["rounds"] == 6
+    assert wait_exit(procs, slow, 200) == 0, procs.log(slow)[-3000:]
+    assert "continuing from round" in procs.log(slow), "the slow peer never re-synced"
+    assert summary(procs, "slow")["rounds"] >= 1

@@ -306,8 +306,8 @@ def _coerce(value: Any, tp: Any, key: str, source_of: SourceOf) -> Any:
         if isinstance(value, str) and origin is None:
             try:
                 return tp(value)
-            except Exception:
-                pass
+            except (TypeError, ValueError) as e:  # e.g. Path("\0") or a class that rejects the text
+                raise _Mismatch(key, _type_name(tp), value) from e
         raise _Mismatch(key, _type_name(tp), value)
     return value  # some other typing construct: not checked
 

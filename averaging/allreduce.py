@@ -33,6 +33,8 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -63,6 +65,32 @@ class RoundResult:
     @property
     def ok(self) -> bool:
         return self.status == "complete"
+
+
+class _Reaper:
+    """Releases finished per-round gloo groups off the critical path: a group's teardown
+    (closing n−1 connections) takes tens of milliseconds. One daemon thread, owned by this
+    module, only ever drops references; nothing else runs in it."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def retire(self, pg: object) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="swarmtrain-pg-reaper", daemon=True)
+                self._thread.start()
+        self._queue.put(pg)
+
+    def _run(self) -> None:
+        while True:
+            pg = self._queue.get()
+            del pg  # the C++ destructor closes the sockets here
+
+
+_REAPER = _Reaper()
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -136,13 +164,15 @@ def weighted_allreduce(
         log.warning("round %d failed: %s", group.round, msg)
         return RoundResult(group.round, "failed", group.members, weights, time.monotonic() - t0, sent, msg)
 
+    pg = None
     try:
         pg = make_gloo_group(group, host=host, timeout_s=timeout_s)
         pg.allreduce([buf]).wait()
     except RuntimeError as e:  # gloo reports peer death, timeouts and rendezvous failures as RuntimeError
         return failed(f"all-reduce over {n} peers failed: {_first_line(e)}")
     finally:
-        pg = None  # release sockets now, not at interpreter exit
+        if pg is not None:
+            _REAPER.retire(pg)
 
     weights = tuple(float(w) for w in buf[P : P + n])
     counts = buf[P + n :]
@@ -161,7 +191,7 @@ def weighted_allreduce(
 
 # Compressed rounds are pipelined in chunks of this many values: while gloo sends chunk k,
 # this thread encodes chunk k+1, so the codec's CPU time hides behind the transfer.
-PIPELINE_CHUNK = 1 << 21
+PIPELINE_CHUNK = 1 << 20
 
 
 def _compressed_allreduce(
@@ -186,6 +216,7 @@ def _compressed_allreduce(
         log.warning("round %d failed: %s", group.round, msg)
         return RoundResult(group.round, "failed", group.members, weights, time.monotonic() - t0, sent, msg)
 
+    pg = None
     try:
         pg = make_gloo_group(group, host=host, timeout_s=timeout_s)
         pg.allreduce([meta]).wait()
@@ -199,24 +230,31 @@ def _compressed_allreduce(
         scatters = []
         for parts in chunks:
             encoded = []
-            for s, e in parts:
+            for j, (s, e) in enumerate(parts):
+                if j == r:  # our own part never crosses the wire: it stays exact (nothing to encode)
+                    encoded.append(torch.empty(0, dtype=torch.uint8))
+                    continue
                 data, _, res = comp.contrib.compress(x[s:e], s)
                 encoded.append(data)
                 pending.append((comp.contrib, s, res))
             part_bytes = codec.wire_bytes(parts[r][1] - parts[r][0])
-            received = torch.empty(n * part_bytes, dtype=torch.uint8)
+            recv_splits = [0 if i == r else part_bytes for i in range(n)]
+            received = torch.empty(sum(recv_splits), dtype=torch.uint8)
             splits = [d.numel() for d in encoded]
-            sent += sum(splits) - splits[r]
-            work = pg.alltoall_base(received, torch.cat(encoded), [part_bytes] * n, splits)
+            sent += sum(splits)
+            work = pg.alltoall_base(received, torch.cat(encoded), recv_splits, splits)
             scatters.append((parts, received, part_bytes, work))
         # Phase 3, all-gather: as each chunk's parts arrive, sum ours and send the encoded mean part.
         gathers = []
         for parts, received, part_bytes, work in scatters:
             work.wait()
             my_s, my_e = parts[r]
-            acc = torch.zeros(my_e - my_s, dtype=torch.float32)
-            for i in range(n):
-                acc += codec.decode(received[i * part_bytes : (i + 1) * part_bytes], my_e - my_s)
+            # Our own contribution, exact, plus any residual left on this range from rounds in
+            # which another member owned it (that residual is now spent).
+            acc = x[my_s:my_e] + comp.contrib.residual[my_s:my_e]
+            pending.append((comp.contrib, my_s, torch.zeros(my_e - my_s)))
+            for k in range(n - 1):
+                acc += codec.decode(received[k * part_bytes : (k + 1) * part_bytes], my_e - my_s)
             mean_data, _, res = comp.mean.compress(acc.div_(total), my_s)
             pending.append((comp.mean, my_s, res))
             max_bytes = codec.wire_bytes(max(e - s for s, e in parts))
@@ -235,7 +273,8 @@ def _compressed_allreduce(
     except CodecError as e:
         return failed(f"undecodable data from a peer: {e}")
     finally:
-        pg = None
+        if pg is not None:
+            _REAPER.retire(pg)
     if not all_finite(mean):
         return failed("non-finite values in the averaged result")
     for fb, s, res in pending:  # the round completed: the quantization errors are now "sent"

@@ -114,7 +114,20 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "code": code_version(),
     }
+
+
+def code_version() -> str:
+    """HEAD commit, plus "+dirty" if averaging/ has uncommitted changes (what the workers ran)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "averaging"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return (head or "?") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
 
 
 def nsexec(i: int | str, *argv: str) -> list[str]:

@@ -149,27 +149,27 @@ class Peer:
             self._save_checkpoint()
 
     def _hand_off(self, timeout: float = 20.0) -> None:
-        """Before leaving, let archivists that are behind fetch our newer state (bounded wait).
+        """Before leaving, let peers that are behind fetch our newer state (bounded wait).
 
-        Without this, the last trainers of a run could leave right after a round and the
-        archivist would never see it.
+        Without this, the last trainers of a run could leave right after the final round,
+        and an archivist, or a trainer that was just restarted and is one round behind,
+        would have nobody left to download it from.
         """
         deadline = time.monotonic() + timeout
         announced = False
         while time.monotonic() < deadline:
             try:
-                behind = [r for r in self._others() if r.role == "archivist" and r.fingerprint == self.fingerprint
-                          and r.round < self.round]
+                behind = [r for r in self._others() if r.fingerprint == self.fingerprint and r.round < self.round]
             except Exception as e:  # the DHT may already be failing while we leave; leave anyway
                 log.warning("could not check for archivists while leaving: %s", e)
                 return
             if not behind:
                 return
             if not announced:
-                log.info("leaving: waiting up to %.0fs for %d archivist(s) to fetch round %d", timeout, len(behind), self.round)
+                log.info("leaving: waiting up to %.0fs for %d peer(s) behind to fetch round %d", timeout, len(behind), self.round)
                 announced = True
             time.sleep(0.5)
-        log.warning("leaving without handing round %d to the archivist (timed out)", self.round)
+        log.warning("leaving without handing round %d to every peer behind (timed out)", self.round)
 
     def __enter__(self) -> "Peer":
         return self

@@ -6,6 +6,11 @@ announcer thread, so every call goes through one lock.
 
 Keys are namespaced by run id: two runs on the same DHT never see each other's records.
 Values read from the DHT come from other peers and are untrusted: callers validate them.
+
+Signed records: every node installs hivemind's RSASignatureValidator with its own key (the
+same key as its libp2p identity, see identity.py). `put_signed` stores a value under this
+node's owner subkey; every honest node rejects a value under an owner subkey that is not
+signed by that owner, and `get_signed` returns only owner-keyed values, by peer id.
 """
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ from typing import Any, Sequence
 import hivemind
 from hivemind.utils import get_dht_time
 
+from hivemind.dht.validation import RecordValidatorBase
+
 from .errors import NetworkError
+from .identity import Identity, ensure_identity, ephemeral_identity, load_identity, peer_id_of
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +55,13 @@ class _OwnedDHT(hivemind.DHT):
 class SwarmDHT:
     """Owns one hivemind.DHT process (unless given an existing one) and scopes keys to a run."""
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, *, owned: bool = True) -> None:
+    def __init__(self, dht: hivemind.DHT, run_id: str, *, owned: bool = True, identity: Identity | None = None) -> None:
         self._dht = dht
         self.run_id = run_id
         self._owned = owned
         self._lock = threading.Lock()
         self.peer_id: str = dht.peer_id.to_base58()
+        self.identity = identity
 
     @classmethod
     def start(
@@ -64,36 +73,47 @@ class SwarmDHT:
         announce_maddrs: Sequence[str] = (),
         client_mode: bool = False,
         identity_path: str | None = None,
+        record_validators: Sequence[RecordValidatorBase] = (),
         startup_timeout: float = 30.0,
     ) -> "SwarmDHT":
         """Start a DHT node and join the swarm through `initial_peers`.
 
+        `identity_path`: a libp2p RSA key file, created if missing (a fresh temporary key if None).
+        `record_validators` are installed next to the signature validator; every node of a
+        run must install the same ones, or it would store records the others reject.
+
         Failure: raises NetworkError (one line) if p2pd cannot start or none of the initial
-        peers answers. hivemind's daemon gives up on unreachable peers within seconds,
-        and `startup_timeout` bounds the rest, so this never hangs.
+        peers answers, StateError if the identity file is unusable. hivemind's daemon gives
+        up on unreachable peers within seconds, and `startup_timeout` bounds the rest.
         """
+        if identity_path is not None:
+            ensure_identity(identity_path)  # created on first use, reused after: a stable peer id
+        identity = load_identity(identity_path) if identity_path is not None else ephemeral_identity()
         kwargs: dict[str, Any] = dict(
             initial_peers=list(initial_peers) or None,
             # A client (behind NAT) opens no listening socket at all: p2pd dials out only.
             host_maddrs=[] if client_mode else list(host_maddrs),
             client_mode=client_mode,
             startup_timeout=startup_timeout,
+            identity_path=identity.path,
+            record_validators=[identity.validator(), *record_validators],
             start=True,
         )
         if announce_maddrs:
             kwargs["announce_maddrs"] = list(announce_maddrs)
-        if identity_path is not None:
-            kwargs["identity_path"] = identity_path
         try:
             dht = _OwnedDHT(**kwargs)
         except Exception as e:  # hivemind raises P2PDaemonError, RuntimeError, TimeoutError...
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             where = f" through {', '.join(initial_peers)}" if initial_peers else ""
             raise NetworkError(f"could not join the swarm{where}: {first_line}") from e
-        return cls(dht, run_id)
+        finally:
+            identity.discard()  # a temporary key is no longer needed on disk once p2pd has it
+        return cls(dht, run_id, identity=identity)
 
     def key(self, name: str) -> str:
-        return f"{self.run_id}.{name}"
+        # "_" (not ".") joins run and name: hivemind's SchemaValidator names keys prefix + "_" + field.
+        return f"{self.run_id}_{name}"
 
     def visible_maddrs(self) -> list[str]:
         with self._lock:
@@ -102,12 +122,12 @@ class SwarmDHT:
             except ValueError:  # hivemind: "No multiaddrs found" for a client that does not listen
                 return []
 
-    def put(self, name: str, subkey: str, value: Any, ttl: float) -> bool:
+    def put(self, name: str, subkey: str | bytes, value: Any, ttl: float) -> bool:
         """Store `value` under (run.name, subkey) for `ttl` seconds. Returns False if no node accepted it."""
         with self._lock:
             return bool(self._dht.store(self.key(name), value, expiration_time=dht_time() + ttl, subkey=subkey))
 
-    def get_all(self, name: str) -> dict[str, Any]:
+    def get_all(self, name: str) -> dict[Any, Any]:
         """All unexpired subkey → value pairs under run.name ({} if none). Values are untrusted."""
         with self._lock:
             found = self._dht.get(self.key(name), latest=True)
@@ -115,10 +135,26 @@ class SwarmDHT:
             return {}
         now = dht_time()
         return {
-            str(subkey): item.value
+            subkey if isinstance(subkey, bytes) else str(subkey): item.value
             for subkey, item in found.value.items()
             if getattr(item, "expiration_time", 0) > now
         }
+
+    def put_signed(self, name: str, value: Any, ttl: float) -> bool:
+        """Store `value` under this node's owner subkey: signed, and writable by nobody else."""
+        if self.identity is None:
+            raise RuntimeError("this DHT has no identity to sign with (use SwarmDHT.start)")
+        return self.put(name, self.identity.owner_subkey, value, ttl)  # type: ignore[arg-type]
+
+    def get_signed(self, name: str) -> dict[str, Any]:
+        """peer id → value for every record under an owner subkey. The DHT nodes already checked
+        the signatures; values are still untrusted input (only their author is certain)."""
+        out = {}
+        for subkey, value in self.get_all(name).items():
+            pid = peer_id_of(subkey) if isinstance(subkey, bytes) else None
+            if pid is not None:
+                out[pid] = value
+        return out
 
     @property
     def hivemind_dht(self) -> hivemind.DHT:

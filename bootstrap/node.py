@@ -7,11 +7,12 @@ import time
 from dataclasses import dataclass
 
 from averaging.dht import SwarmDHT
+from averaging.identity import ensure_identity
 from peer.config import validate_multiaddr
 from peer.configlib import doc
+from peer.membership import record_validator
 
 from .archive import Archivist
-from .identity import ensure_identity
 from .monitor import run_status
 
 log = logging.getLogger("swarmtrain.bootstrap")
@@ -60,7 +61,7 @@ class BootstrapNode:
         self.dht = SwarmDHT.start(
             self.cfg.run_id, initial_peers=self.cfg.initial_peers,
             host_maddrs=[f"/ip4/{self.cfg.host}/tcp/{self.cfg.port}"], announce_maddrs=announce,
-            identity_path=self.cfg.identity,
+            identity_path=self.cfg.identity, record_validators=[record_validator(self.cfg.run_id)],
         )
         maddrs = self.dht.visible_maddrs()
         if self.cfg.checkpoint_dir:

@@ -23,7 +23,7 @@ import logging
 import socket
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,13 @@ import torch
 
 from averaging.allreduce import RoundResult
 from averaging.averager import Averager
-from averaging.dht import SwarmDHT
+from averaging.dht import SwarmDHT, dht_time
 from averaging.errors import ModelMismatchError, StateError
 from averaging.flat import describe_schema, flatten_params, parameter_schema, schema_fingerprint, tensor_digest, write_flat_
 from averaging.outer import OuterOptimizer
 
 from .config import PeerConfig
-from .membership import Announcer, PeerRecord, consensus, donors_for, live_peers
+from .membership import RECENT_ROUNDS, Announcer, PeerRecord, RoundOutcome, consensus, donors_for, live_peers, record_validator
 from .schedule import SyncSchedule
 from .state import CheckpointDir, SwarmState
 from .transfer import StateServer, download_state
@@ -56,7 +56,10 @@ class Peer:
     StateError if a checkpoint to resume from is unusable. Nothing is left running then.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, config: PeerConfig | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, config: PeerConfig | None = None,
+                 *, flops_per_sample: float | None = None) -> None:
+        """`flops_per_sample`: training FLOPs of one sample, the unit of this peer's credit in the
+        swarm's ledger (default 6 × parameters: one forward + backward per input position)."""
         self.config = config or PeerConfig()
         self.model = model
         self.optimizer = optimizer
@@ -74,7 +77,14 @@ class Peer:
         self.samples_since_sync = 0
         self.total_samples = 0
         self.rounds_failed = 0
+        self.rounds_ok = 0  # rounds this peer completed an all-reduce in
         self.bytes_sent = 0
+        self.bytes_recv = 0
+        self.peers_seen = 0  # other live peers in the last look at the DHT
+        self.flops_per_sample = float(flops_per_sample if flops_per_sample is not None else 6 * sum(p.numel() for p in self._params))
+        self._t_joined = time.monotonic()
+        self._rate_window: deque[tuple[float, int]] = deque()  # (time, total samples), last ~30 s
+        self._outcomes: deque[RoundOutcome] = deque(maxlen=RECENT_ROUNDS)  # published with the metrics
         self.history: list[RoundResult] = []
         self.sync_wait_s = 0.0  # time step() spent blocked in sync (for compute utilization)
         self._weight_in_flight = 0
@@ -105,6 +115,7 @@ class Peer:
             host_maddrs=[f"/ip4/{sw.host}/tcp/{sw.port}"],
             client_mode=sw.client_mode,
             identity_path=sw.identity_path or None,
+            record_validators=[record_validator(sw.run_id)],
             startup_timeout=sw.startup_timeout,
         )
         self.peer_id = self._dht.peer_id
@@ -117,7 +128,7 @@ class Peer:
         if self._averager.matchmaker.store is not None:  # client-mode peers cannot serve state
             self._server = StateServer(self._averager.matchmaker.store, lambda: self._state)
             self._server.start()
-        self._announcer = Announcer(self._dht, period=sw.announce_period, ttl=sw.peer_ttl)
+        self._announcer = Announcer(self._dht, period=sw.announce_period, ttl=sw.peer_ttl, metrics=self.metrics)
         self._announcer.update(self._record())
         self._announcer.publish()
         self._announcer.start()
@@ -202,10 +213,38 @@ class Peer:
         self.local_step += 1
         self.samples_since_sync += samples
         self.total_samples += samples
+        now = time.monotonic()
+        self._rate_window.append((now, self.total_samples))
+        while len(self._rate_window) > 2 and now - self._rate_window[0][0] > 30.0:
+            self._rate_window.popleft()
         self.schedule.tick()
         if self.schedule.due():
             return self.sync()
         return None
+
+    @property
+    def samples_per_s(self) -> float:
+        """Training throughput over the last ~30 s (samples per wall-clock second)."""
+        if len(self._rate_window) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._rate_window[0], self._rate_window[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        """This peer's counters, as published in its DHT record (read by the monitor and ledger).
+
+        Safe to call from another thread: it only reads counters. `compute_s` is the wall
+        time since joining minus the time step() spent blocked in sync.
+        """
+        recent = tuple(self._outcomes)
+        return dict(
+            step=self.local_step, samples=self.total_samples, loss=self.last_loss,
+            samples_per_s=float(max(self.samples_per_s, 0.0)),
+            compute_s=float(max(time.monotonic() - self._t_joined - self.sync_wait_s, 0.0)),
+            rounds_ok=self.rounds_ok, rounds_failed=self.rounds_failed,
+            bytes_sent=self.bytes_sent, bytes_recv=self.bytes_recv,
+            flops_per_sample=self.flops_per_sample, recent=recent,
+        )
 
     def report_loss(self, loss: float) -> None:
         """Tell the swarm the current training loss (shown by monitors at the next announce)."""
@@ -248,6 +287,9 @@ class Peer:
         if self._loss_t is not None:
             self.last_loss = float(self._loss_t)
         self.history.append(result)
+        self._outcomes.append(RoundOutcome(
+            round=result.round + 1, status=result.status, duration_s=float(max(result.duration_s, 0.0)),
+            bytes=int(result.bytes_sent), members=len(result.members), t=float(dht_time())))
         if not result.ok:
             self._weight_in_flight = 0  # those samples count towards the next attempt
             self.rounds_failed += 1
@@ -259,9 +301,11 @@ class Peer:
         local = flatten_params(self._params).cpu()
         write_flat_(self._params, (theta + (local - snap)).to(self.device))
         self.round += 1
+        self.rounds_ok += 1
         self.samples_since_sync = max(0, self.samples_since_sync - self._weight_in_flight)
         self._weight_in_flight = 0
         self.bytes_sent += result.bytes_sent
+        self.bytes_recv += result.bytes_sent  # all-reduce traffic is symmetric: each member receives what it sends
         self._set_state(SwarmState(self.round, self.fingerprint, theta, self.outer.momentum_buf, self.total_samples))
         if self._ckpt is not None and self.round % self.config.checkpoint.every_rounds == 0:
             self._save_checkpoint()
@@ -337,7 +381,9 @@ class Peer:
 
     def _others(self) -> list[PeerRecord]:
         assert self._dht is not None
-        return [r for pid, r in live_peers(self._dht).items() if pid != self.peer_id]
+        others = [r for pid, r in live_peers(self._dht).items() if pid != self.peer_id]
+        self.peers_seen = len(others)
+        return others
 
     def _expected_group_size(self) -> int:
         same = [r for r in self._others() if r.role == "trainer" and r.fingerprint == self.fingerprint

@@ -1,30 +1,107 @@
 """Who is in the swarm: each peer announces a short-lived record in the DHT.
 
-Record (key <run>.peers, subkey = peer id), refreshed every `period` seconds and expiring
-after `ttl`: a crashed peer disappears from matchmaking and from the monitor within `ttl`.
-The record carries the round the peer has completed and the sha256 digest of its θ_sync
-at that round, so anyone can check that peers agree, and a newcomer can check a download.
+Record (key <run>_peers, subkey = the peer's public key), refreshed every `period` seconds
+and expiring after `ttl`: a crashed peer disappears from matchmaking and from the monitor
+within `ttl`. The record carries the round the peer has completed and the sha256 digest of
+its θ_sync at that round, so anyone can check that peers agree, and a newcomer can check a
+download. It also carries the peer's metrics (samples, rate, compute time, bytes, recent
+round outcomes), which the bootstrap's monitor turns into the dashboard and the ledger.
+
+Trust: each record is signed by its author's key (the key behind its peer id), and every
+DHT node checks the signature and the schema below before storing or accepting it. So no
+peer can write or overwrite another's record, and malformed records never reach readers.
+What a peer says about *itself* (samples, loss) is still its own claim: see docs/security.md.
 """
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, Literal, Optional
+
+import pydantic.v1 as pd  # hivemind's SchemaValidator is built on pydantic's v1 API
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 
 from averaging.dht import SwarmDHT, dht_time
 
 log = logging.getLogger(__name__)
 
 PEERS_KEY = "peers"
-_MAX_STR = 256
+RECENT_ROUNDS = 5  # round outcomes each record carries (the monitor keeps the longer history)
+
+# ---------------------------------------------------------------- the record's schema
+# Strict types throughout: SchemaValidator rejects a record that needs any conversion
+# (3 for 3.0, True for 1), and every count is >= 0, every float finite.
+_Count = pd.conint(ge=0, strict=True)
+_Seconds = pd.confloat(ge=0, strict=True, allow_inf_nan=False)
+_Finite = pd.confloat(strict=True, allow_inf_nan=False)
+_Str = pd.constr(max_length=256, strict=True)
+
+
+class _RoundSchema(pd.BaseModel):
+    round: _Count
+    status: Literal["complete", "failed"]
+    duration_s: _Seconds
+    bytes: _Count
+    members: _Count
+    t: _Finite
+
+
+class _PeerSchema(pd.BaseModel):
+    round: _Count
+    fingerprint: _Str
+    schema_: _Str = pd.Field(alias="schema")
+    digest: _Str
+    host: _Str
+    port: pd.conint(ge=0, lt=65536, strict=True)
+    step: _Count
+    samples: _Count
+    loss: Optional[_Finite]
+    device: _Str
+    version: _Str
+    t: _Finite
+    role: Literal["trainer", "archivist"]
+    samples_per_s: _Seconds
+    compute_s: _Seconds
+    rounds_ok: _Count
+    rounds_failed: _Count
+    bytes_sent: _Count
+    bytes_recv: _Count
+    flops_per_sample: _Seconds
+    recent: pd.conlist(_RoundSchema, max_items=RECENT_ROUNDS)
+
+    class Config:
+        extra = pd.Extra.forbid
+        allow_population_by_field_name = True
+
+
+class _RunSchema(pd.BaseModel):
+    # <run>_peers: {b"[owner:ssh-rsa ...]": record}. The subkey must hold a public key, so
+    # every record is signed by its author (RSASignatureValidator) and nobody else can write it.
+    peers: Dict[BytesWithPublicKey, _PeerSchema]
+
+
+def record_validator(run_id: str) -> SchemaValidator:
+    """The DHT validator for this run's records; every node of the run installs it."""
+    return SchemaValidator(_RunSchema, allow_extra_keys=True, prefix=run_id)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundOutcome:
+    """One sync attempt as its peer saw it. `round` is the round it would produce."""
+
+    round: int
+    status: str  # "complete" | "failed"
+    duration_s: float
+    bytes: int
+    members: int
+    t: float
 
 
 @dataclass(frozen=True, kw_only=True)
 class PeerRecord:
-    """A peer's public status. Parsed from untrusted DHT values by `parse`."""
+    """A peer's public status and metrics. Parsed from untrusted DHT values by `parse`."""
 
     peer_id: str = field(default="", compare=False)
     round: int
@@ -34,7 +111,7 @@ class PeerRecord:
     host: str  # where this peer's store serves state downloads
     port: int  # 0: cannot serve (client mode, behind NAT)
     step: int = 0
-    samples: int = 0
+    samples: int = 0  # samples this peer has trained on since it started
     loss: float | None = None
     device: str = ""
     version: str = ""
@@ -42,43 +119,41 @@ class PeerRecord:
     # "trainer" takes part in rounds; "archivist" (a bootstrap node keeping checkpoints) only
     # serves state, so it is a download donor but is never waited for in matchmaking.
     role: str = "trainer"
+    samples_per_s: float = 0.0
+    compute_s: float = 0.0  # wall seconds spent training, not waiting for the swarm
+    rounds_ok: int = 0  # rounds this peer completed an all-reduce in
+    rounds_failed: int = 0
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    flops_per_sample: float = 0.0  # training FLOPs of one sample (forward + backward)
+    recent: tuple[RoundOutcome, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("peer_id")
+        d["recent"] = [asdict(o) for o in self.recent]
         return d
 
     @classmethod
     def parse(cls, peer_id: str, rec: Any) -> "PeerRecord | None":
-        """Validate an untrusted record; None if anything is off."""
+        """Validate an untrusted record against the same schema the DHT nodes use; None if off."""
         if not isinstance(rec, dict):
             return None
         try:
-            r = cls(
-                peer_id=peer_id,
-                round=rec["round"], fingerprint=rec["fingerprint"], schema=rec["schema"], digest=rec["digest"],
-                host=rec["host"], port=rec["port"], step=rec.get("step", 0), samples=rec.get("samples", 0),
-                loss=rec.get("loss"), device=rec.get("device", ""), version=rec.get("version", ""), t=rec.get("t", 0.0),
-                role=rec.get("role", "trainer"),
-            )
-        except (KeyError, TypeError):
+            parsed = _PeerSchema.parse_obj(rec)
+        except pd.ValidationError:
             return None
-        ints_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (r.round, r.step, r.samples))
-        strs_ok = all(isinstance(v, str) and len(v) <= _MAX_STR for v in (r.fingerprint, r.schema, r.digest, r.host, r.device, r.version))
-        port_ok = isinstance(r.port, int) and not isinstance(r.port, bool) and 0 <= r.port < 65536
-        loss_ok = r.loss is None or _finite_number(r.loss)
-        role_ok = r.role in ("trainer", "archivist")
-        return r if ints_ok and strs_ok and port_ok and loss_ok and role_ok and _finite_number(r.t) else None
-
-
-def _finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        d = parsed.dict(by_alias=True)
+        if d != rec:  # pydantic converted something (e.g. 3 -> 3.0): not a valid record
+            return None
+        d["recent"] = tuple(RoundOutcome(**o) for o in d["recent"])
+        return cls(peer_id=peer_id, **d)
 
 
 def live_peers(dht: SwarmDHT) -> dict[str, PeerRecord]:
-    """All unexpired, well-formed peer records of the run."""
+    """All unexpired, well-formed, signed peer records of the run, by peer id."""
     out = {}
-    for pid, rec in dht.get_all(PEERS_KEY).items():
+    for pid, rec in dht.get_signed(PEERS_KEY).items():
         parsed = PeerRecord.parse(pid, rec)
         if parsed is not None:
             out[pid] = parsed
@@ -104,17 +179,21 @@ def donors_for(records: list[PeerRecord], round_: int, digest: str) -> list[Peer
 
 
 class Announcer:
-    """Background thread that keeps this peer's record alive in the DHT.
+    """Background thread that keeps this peer's signed record alive in the DHT.
 
     Owned by the Peer: `start()` after the first `update()`, `close()` on shutdown.
+    `update()` sets the record's state fields (round, digest, ...) at consistent points of
+    the training thread; `metrics()` (if given) is read at each publish for fresh counters.
     Failure behaviour: a failed DHT store is logged and retried next period; the thread
     never dies from it. If it cannot store for `ttl`, others stop seeing this peer.
     """
 
-    def __init__(self, dht: SwarmDHT, *, period: float, ttl: float) -> None:
+    def __init__(self, dht: SwarmDHT, *, period: float, ttl: float,
+                 metrics: Callable[[], dict[str, Any]] | None = None) -> None:
         self.dht = dht
         self.period = period
         self.ttl = ttl
+        self._metrics = metrics
         self._record: PeerRecord | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -132,8 +211,10 @@ class Announcer:
         with self._lock:
             rec = self._record
         if rec is not None:
-            rec = PeerRecord(**{**asdict(rec), "t": dht_time()})
-            self.dht.put(PEERS_KEY, self.dht.peer_id, rec.to_record(), ttl=self.ttl)
+            fresh = self._metrics() if self._metrics is not None else {}
+            rec = replace(rec, **fresh, t=dht_time())
+            if not self.dht.put_signed(PEERS_KEY, rec.to_record(), ttl=self.ttl):
+                log.debug("no DHT node accepted this peer's record (will retry)")
 
     def start(self) -> None:
         self._thread.start()

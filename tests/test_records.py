@@ -1,5 +1,8 @@
 """Unit tests for parsing untrusted DHT records: PeerRecord.parse (peer/membership.py) and
-Candidate.from_record / MatchmakingConfig (averaging/matchmaking.py). No DHT is started."""
+Candidate.from_record / MatchmakingConfig (averaging/matchmaking.py). No DHT is started.
+
+PeerRecord.parse applies the same strict schema the DHT nodes' SchemaValidator applies:
+every field present, no type conversions (3 is not 3.0), counts >= 0, floats finite."""
 from __future__ import annotations
 
 import math
@@ -12,9 +15,12 @@ from peer.membership import PeerRecord
 VALID = {
     "round": 3, "fingerprint": "0123456789abcdef", "schema": "14 tensors, 431,360 parameters",
     "digest": "ab" * 32, "host": "10.0.0.5", "port": 40123, "step": 120, "samples": 7680,
-    "loss": 2.5, "device": "cpu", "version": "0.1.0", "t": 1_700_000_000.25,
+    "loss": 2.5, "device": "cpu", "version": "0.1.0", "t": 1_700_000_000.25, "role": "trainer",
+    "samples_per_s": 64.5, "compute_s": 120.0, "rounds_ok": 3, "rounds_failed": 1, "bytes_sent": 10_000_000,
+    "bytes_recv": 10_000_000, "flops_per_sample": 1.5e9,
+    "recent": [{"round": 3, "status": "complete", "duration_s": 0.4, "bytes": 3_000_000, "members": 3, "t": 1_700_000_000.0}],
 }
-REQUIRED = ["round", "fingerprint", "schema", "digest", "host", "port"]
+REQUIRED = list(VALID)
 
 
 # ---------------------------------------------------------------- PeerRecord.parse
@@ -26,10 +32,10 @@ def test_parse_valid_record():
     assert (r.fingerprint, r.host, r.device, r.version) == ("0123456789abcdef", "10.0.0.5", "cpu", "0.1.0")
 
 
-def test_parse_minimal_record_uses_defaults():
-    r = PeerRecord.parse("p", {k: VALID[k] for k in REQUIRED})
-    assert r is not None
-    assert (r.step, r.samples, r.loss, r.device, r.version, r.t) == (0, 0, None, "", "", 0.0)
+def test_parse_metrics_fields():
+    r = PeerRecord.parse("p", dict(VALID))
+    assert (r.samples_per_s, r.compute_s, r.rounds_ok, r.rounds_failed) == (64.5, 120.0, 3, 1)
+    assert r.recent[0].status == "complete" and r.recent[0].bytes == 3_000_000
 
 
 def test_parse_round_trip_through_to_record():
@@ -40,8 +46,9 @@ def test_parse_round_trip_through_to_record():
     assert PeerRecord.parse("other", rec) == r  # peer_id is not part of equality
 
 
-def test_parse_ignores_unknown_keys():
-    assert PeerRecord.parse("p", {**VALID, "future_field": [1, 2, 3]}) is not None
+def test_parse_rejects_unknown_keys():
+    # hivemind's SchemaValidator forbids extra fields, so the parser does too (one schema everywhere)
+    assert PeerRecord.parse("p", {**VALID, "future_field": [1, 2, 3]}) is None
 
 
 def test_parse_accepts_boundaries():
@@ -49,9 +56,18 @@ def test_parse_accepts_boundaries():
     assert PeerRecord.parse("p", {**VALID, "port": 1}) is not None
     assert PeerRecord.parse("p", {**VALID, "port": 65535}) is not None
     assert PeerRecord.parse("p", {**VALID, "schema": "x" * 256}) is not None
-    assert PeerRecord.parse("p", {**VALID, "loss": 3}) is not None  # int loss is fine
     assert PeerRecord.parse("p", {**VALID, "loss": None}) is not None
-    assert PeerRecord.parse("p", {**VALID, "t": 5}) is not None
+    assert PeerRecord.parse("p", {**VALID, "recent": []}) is not None
+
+
+@pytest.mark.parametrize("key,value", [
+    ("loss", 3), ("t", 5),  # strict: an int where a float belongs needs a conversion
+    ("samples_per_s", -1.0), ("compute_s", -0.5), ("rounds_ok", -1), ("bytes_sent", -10), ("flops_per_sample", math.inf),
+    ("role", "admin"), ("recent", [{"round": 1}]), ("recent", [VALID["recent"][0]] * 6),
+    ("recent", [{**VALID["recent"][0], "status": "great"}]), ("recent", [{**VALID["recent"][0], "bytes": -1}]),
+])
+def test_parse_rejects_bad_metrics(key, value):
+    assert PeerRecord.parse("p", {**VALID, key: value}) is None
 
 
 @pytest.mark.parametrize("rec", [None, [], [("round", 1)], "record", 42, 3.5, b"bytes", (1, 2)])

@@ -53,7 +53,8 @@ def run_mode(n: int, rounds: int, every: int, overlap: bool, work: Path) -> dict
 
     try:
         boot = spawn(0, "boot", ["-m", "bootstrap", "--identity", str(work / "boot.key"), "--host", netns.host_addr(0),
-                                 "--port", "31337", "--monitor-every", "0", "--maddrs-file", str(work / "boot.maddrs")])
+                                 "--port", "31337", "--monitor-every", "0", "--maddrs-file", str(work / "boot.maddrs"),
+                                 "--ledger", str(work / "ledger.json")])
         joins = [wait_line(boot, r"(/ip4/198\.18\.\S+)", procs[0]).group(1)]
         for i in range(1, n + 1):
             # p2pd treats 198.18.0.0/15 as unroutable: give each peer every earlier peer directly.

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         maddrs = node.start()
         print("Bootstrap node is up. Its addresses:", *(f"  {m}" for m in maddrs), sep="\n")
         print(f"Join the run with:\n  {node.join_command(maddrs)}", flush=True)
+        if node.dashboard is not None:
+            print(f"Dashboard: {node.dashboard.url}  (JSON: /api/status /api/peers /api/ledger, Prometheus: /metrics)", flush=True)
         node.serve(stop)
     except SwarmError as e:
         print(f"swarm-bootstrap: error: {e}", file=sys.stderr)

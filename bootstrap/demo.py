@@ -8,6 +8,7 @@ lines, and checks the result: final loss per peer, rounds, and whether parameter
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ def _relay(name: str, stream, keep: list[str]) -> None:
     for raw in stream:
         line = raw.rstrip()
         keep.append(line)
-        if "validation loss" in line or "error" in line.lower() or "joined run" in line or "live peer" in line:
+        if any(k in line for k in ("validation loss", "joined run", "live peer", "Dashboard:")) or "error" in line.lower():
             print(f"[{name:>9}] {line}", flush=True)
 
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--every-steps", type=int, default=25, help="inner steps between syncs (H)")
     ap.add_argument("--workdir", default="", help="keep logs and checkpoints here (default: a temp dir)")
+    ap.add_argument("--dashboard", type=int, default=0, help="dashboard port (0 = any free port, -1 = none)")
     args = ap.parse_args(argv)
     if args.peers < 2 or args.rounds < 1 or args.every_steps < 1:
         ap.error("need --peers >= 2, --rounds >= 1, --every-steps >= 1")
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         maddrs = work / "bootstrap.maddrs"
         print(f"demo: starting a bootstrap node and {args.peers} peers (logs and checkpoints in {work})", flush=True)
         spawn("bootstrap", ["-m", "bootstrap", "--identity", str(work / "bootstrap.key"), "--host", "127.0.0.1",
-                            "--port", "0", "--monitor-every", "10", "--maddrs-file", str(maddrs)])
+                            "--port", "0", "--monitor-every", "10", "--maddrs-file", str(maddrs),
+                            "--dashboard", str(args.dashboard), "--ledger", str(work / "ledger.json")])
         deadline = time.monotonic() + 60
         while not (maddrs.exists() and maddrs.read_text().strip()):
             if procs["bootstrap"].poll() is not None or time.monotonic() > deadline:
@@ -116,6 +119,13 @@ def _report(work: Path, codes: dict[str, int], logs: dict[str, list[str]], wall:
         print(f"sync rounds completed: {max(s['rounds'] for s in summaries.values())}")
         print(f"parameters agree across peers: {'yes' if agree else 'NO'} (max |difference| = {diff:.2e})")
         ok = ok and agree
+    ledger = work / "ledger.csv"
+    if ledger.exists():  # written by the bootstrap node when it stopped
+        rows = list(csv.DictReader(ledger.read_text().splitlines()))
+        print("contribution ledger (credit = samples x training FLOPs per sample):")
+        for r in rows:
+            print(f"  #{r['rank']} {r['peer_id'][-8:]}  {int(r['samples']):,} samples  {float(r['compute_s']):.0f}s compute  "
+                  f"{r['rounds']} rounds  {float(r['credit']) / 1e12:.1f} TFLOP")
     print(f"wall time: {wall:.0f}s")
     if not keep and ok:
         shutil.rmtree(work, ignore_errors=True)

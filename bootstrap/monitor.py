@@ -1,41 +1,92 @@
-"""Watches a run through the DHT: who is live, which round, whether peers agree, the loss."""
+"""Watches a run through the DHT and keeps what the dashboard shows.
+
+`RunMonitor.poll()` (called by the bootstrap's serve loop) reads the peers' signed records
+once, then updates: the swarm loss history, the merged round outcomes, and the contribution
+ledger (saved to disk). The dashboard's threads read snapshots through `status()`, `peers()`,
+`ledger()` and `ledger_csv()`; one lock makes poll and reads consistent.
+"""
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
+import logging
+import threading
+import time
+from typing import Any
 
 from averaging.dht import SwarmDHT
 from peer.membership import PeerRecord, live_peers
+from peer.status import RunStatus, peer_row, round_outcomes, trainers_of
+
+from .ledger import Ledger
+
+log = logging.getLogger("swarmtrain.monitor")
+
+MAX_LOSS_POINTS = 500  # older points are thinned (every other one dropped), so the whole run stays visible
+MAX_ROUNDS = 50
 
 
-@dataclass(frozen=True)
-class RunStatus:
-    peers: tuple[PeerRecord, ...]
+class RunMonitor:
+    def __init__(self, dht: SwarmDHT | None, run_id: str, ledger: Ledger) -> None:
+        self.dht = dht
+        self.run_id = run_id
+        self._ledger = ledger
+        self._lock = threading.Lock()
+        self._status = RunStatus(())
+        self._all: dict[str, PeerRecord] = {}
+        self._loss: list[dict[str, Any]] = []
+        self._outcomes: dict[int, dict[str, Any]] = {}  # round -> peer id -> RoundOutcome
+        self._rounds: dict[int, dict[str, Any]] = {}
+        self._updated = 0.0
 
-    @property
-    def round(self) -> int:
-        return max((p.round for p in self.peers), default=0)
+    def poll(self) -> RunStatus:
+        """Read the run's records once and fold them in. Failure: DHT errors propagate (the caller logs them)."""
+        assert self.dht is not None
+        return self.observe(live_peers(self.dht), now=time.time())
 
-    @property
-    def agree(self) -> bool:
-        """True if all peers at the newest round hold the same θ_sync digest."""
-        return len({p.digest for p in self.peers if p.round == self.round}) <= 1
+    def observe(self, records: dict[str, PeerRecord], *, now: float) -> RunStatus:
+        """Fold one set of records in (the network-free half of poll, used by tests)."""
+        status = trainers_of(records)
+        with self._lock:
+            self._status, self._all, self._updated = status, records, now
+            self._ledger.observe(status.peers, flops_per_sample=status.flops_per_sample, now=now)
+            total = sum(e.samples for e in self._ledger.entries.values())
+            if status.mean_loss is not None and (not self._loss or self._loss[-1]["samples"] != total):
+                self._loss.append({"t": now, "round": status.round, "loss": status.mean_loss, "samples": total})
+                if len(self._loss) > MAX_LOSS_POINTS:
+                    self._loss = self._loss[: -MAX_LOSS_POINTS // 2 : 2] + self._loss[-MAX_LOSS_POINTS // 2 :]
+            self._rounds = round_outcomes(list(status.peers), self._outcomes)
+            for old in sorted(self._outcomes)[:-MAX_ROUNDS]:
+                del self._outcomes[old]
+        return status
 
-    @property
-    def mean_loss(self) -> float | None:
-        losses = [p.loss for p in self.peers if p.loss is not None]
-        return sum(losses) / len(losses) if losses else None
+    def save(self) -> None:
+        """Persist the ledger. Failure: OSError propagates; the previous file stays intact."""
+        with self._lock:
+            self._ledger.save()
 
-    def line(self) -> str:
-        if not self.peers:
-            return "no live peers"
-        rounds = Counter(p.round for p in self.peers)
-        loss = f"{self.mean_loss:.4f}" if self.mean_loss is not None else "n/a"
-        return (f"{len(self.peers)} live peer(s), round {self.round} "
-                f"(at round: {dict(sorted(rounds.items()))}), peers at newest round agree: "
-                f"{'yes' if self.agree else 'NO'}, mean train loss {loss}, samples {sum(p.samples for p in self.peers):,}")
+    # ------------------------------------------------------------------ dashboard reads
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            s = self._status
+            return {
+                "run_id": self.run_id, "round": s.round, "agree": s.agree, "peers_live": len(s.peers),
+                "throughput_samples_per_s": s.throughput,
+                "total_samples": sum(e.samples for e in self._ledger.entries.values()),
+                "mean_loss": s.mean_loss, "updated": self._updated, "loss_history": list(self._loss),
+                "rounds": [self._rounds[r] for r in sorted(self._rounds)[-MAX_ROUNDS:]],
+            }
 
+    def peers(self) -> list[dict[str, Any]]:
+        """Every live node (trainers and archivists), with its credit from the ledger."""
+        with self._lock:
+            now = time.time()
+            credit = {e.peer_id: e.credit for e in self._ledger.entries.values()}
+            return [peer_row(r, now, credit.get(pid, 0.0)) for pid, r in sorted(self._all.items())]
 
-def run_status(dht: SwarmDHT) -> RunStatus:
-    trainers = [p for p in live_peers(dht).values() if p.role == "trainer"]
-    return RunStatus(tuple(sorted(trainers, key=lambda p: p.peer_id)))
+    def ledger(self) -> list[dict[str, Any]]:
+        """Leaderboard rows, best first."""
+        with self._lock:
+            return self._ledger.rows()
+
+    def ledger_csv(self) -> str:
+        with self._lock:
+            return self._ledger.to_csv()

@@ -1,4 +1,9 @@
-"""A bootstrap node: a DHT node with a persistent identity that also watches the run."""
+"""A bootstrap node: a DHT node with a persistent identity that also watches the run.
+
+It reads the peers' signed records every `poll_every` seconds (RunMonitor), keeps the
+contribution ledger on disk, optionally serves the web dashboard, and optionally archives
+the swarm's state (Archivist).
+"""
 from __future__ import annotations
 
 import logging
@@ -13,7 +18,9 @@ from peer.configlib import doc
 from peer.membership import record_validator
 
 from .archive import Archivist
-from .monitor import run_status
+from .dashboard import Dashboard
+from .ledger import Ledger
+from .monitor import RunMonitor
 
 log = logging.getLogger("swarmtrain.bootstrap")
 
@@ -31,6 +38,10 @@ class BootstrapConfig:
     checkpoint_dir: str = doc("", "archivist mode: keep the swarm's state here and serve it ('' = off)")
     keep_last: int = doc(5, "archivist: number of newest checkpoints to keep (0 = all)")
     archive_every: float = doc(5.0, "archivist: seconds between checks for a newer swarm state")
+    dashboard: int = doc(-1, "serve the web dashboard, JSON API and /metrics on this port (0 = any free port, -1 = off)")
+    dashboard_host: str = doc("", "address the dashboard listens on ('' = same as host)")
+    ledger: str = doc("ledger.json", "contribution ledger file, kept across restarts, CSV export beside it ('' = memory only)")
+    poll_every: float = doc(2.0, "seconds between reads of the peers' records (dashboard, ledger)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -43,6 +54,10 @@ class BootstrapConfig:
             raise ValueError("announce_host needs a fixed --port (the advertised address must not change)")
         if self.keep_last < 0 or self.archive_every <= 0:
             raise ValueError("keep_last must be >= 0 and archive_every > 0")
+        if not -1 <= self.dashboard < 65536:
+            raise ValueError(f"dashboard must be a port in 0..65535, or -1 for off; got {self.dashboard}")
+        if not self.poll_every > 0:
+            raise ValueError(f"poll_every must be > 0, got {self.poll_every}")
 
 
 class BootstrapNode:
@@ -52,9 +67,19 @@ class BootstrapNode:
         self.cfg = cfg
         self.dht: SwarmDHT | None = None
         self.archivist: Archivist | None = None
+        self.monitor: RunMonitor | None = None
+        self.dashboard: Dashboard | None = None
 
     def start(self) -> list[str]:
-        """Start the DHT node; return its multiaddrs. Raises StateError / NetworkError (one line)."""
+        """Start the DHT node (and dashboard); return its multiaddrs.
+
+        Raises StateError (bad identity or ledger file, left untouched) / NetworkError (port
+        in use, unreachable initial peers), one line each. The ledger is read first, so a
+        damaged one stops the node before it joins anything.
+        """
+        ledger = Ledger(self.cfg.ledger or None)
+        if ledger.entries:
+            log.info("ledger: %d contributor(s) loaded from %s", len(ledger.entries), self.cfg.ledger)
         peer_id, created = ensure_identity(self.cfg.identity)
         log.info("%s identity %s (%s)", "created" if created else "loaded", peer_id, self.cfg.identity)
         announce = [f"/ip4/{self.cfg.announce_host}/tcp/{self.cfg.port}"] if self.cfg.announce_host else []
@@ -64,6 +89,10 @@ class BootstrapNode:
             identity_path=self.cfg.identity, record_validators=[record_validator(self.cfg.run_id)],
         )
         maddrs = self.dht.visible_maddrs()
+        self.monitor = RunMonitor(self.dht, self.cfg.run_id, ledger)
+        if self.cfg.dashboard >= 0:
+            self.dashboard = Dashboard(self.monitor, self.cfg.dashboard_host or self.cfg.host, self.cfg.dashboard)
+            self.dashboard.start()
         if self.cfg.checkpoint_dir:
             host = self.cfg.announce_host or (self.cfg.host if self.cfg.host != "0.0.0.0" else "127.0.0.1")
             self.archivist = Archivist(self.dht, ckpt_dir=self.cfg.checkpoint_dir, keep_last=self.cfg.keep_last,
@@ -80,21 +109,46 @@ class BootstrapNode:
         return f"swarm-peer --join {best}{run}"
 
     def serve(self, stop: threading.Event) -> None:
-        """Log the run's status (and archive its state) periodically until `stop` is set."""
-        assert self.dht is not None
-        periods = [p for p in (self.cfg.monitor_every, self.cfg.archive_every if self.archivist else 0) if p]
-        tick = min(periods, default=3600.0)
-        next_status = next_archive = time.monotonic()
-        while not stop.wait(min(tick, 1.0)):
+        """Watch the run (and archive its state) periodically until `stop` is set.
+
+        Failure behaviour: a failed DHT read or ledger write is logged and retried at the
+        next period; the loop only ends when `stop` is set.
+        """
+        assert self.dht is not None and self.monitor is not None
+        next_poll = next_status = next_archive = next_save = time.monotonic()
+        while not stop.wait(min(self.cfg.poll_every, 1.0)):
             now = time.monotonic()
             if self.archivist is not None and now >= next_archive:
                 next_archive = now + self.cfg.archive_every
                 self.archivist.poll()
-            if self.cfg.monitor_every and now >= next_status:
-                next_status = now + self.cfg.monitor_every
-                log.info("run %r: %s", self.cfg.run_id, run_status(self.dht).line())
+            if now >= next_poll:
+                next_poll = now + self.cfg.poll_every
+                try:
+                    status = self.monitor.poll()
+                except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; keep watching
+                    log.warning("could not read the run's records: %s", e)
+                    continue
+                if self.cfg.monitor_every and now >= next_status:
+                    next_status = now + self.cfg.monitor_every
+                    log.info("run %r: %s", self.cfg.run_id, status.line())
+            if now >= next_save:
+                next_save = now + 10.0
+                self._save_ledger()
+
+    def _save_ledger(self) -> None:
+        if self.monitor is None:
+            return
+        try:
+            self.monitor.save()
+        except OSError as e:
+            log.warning("could not save the ledger to %s: %s (will retry)", self.cfg.ledger, e)
 
     def close(self) -> None:
+        """Stop the dashboard, archivist and DHT; save the ledger. Idempotent."""
+        if self.dashboard is not None:
+            self.dashboard.close()
+            self.dashboard = None
+        self._save_ledger()
         if self.archivist is not None:
             self.archivist.close()
             self.archivist = None

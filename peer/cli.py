@@ -13,6 +13,7 @@ from averaging.errors import SwarmError
 from . import configlib
 from .config import RunConfig
 from .data import DataError
+from .progress import configure_logging
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -23,13 +24,15 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse(argv: list[str] | None) -> RunConfig:
-    p = OneLineParser(prog="swarm-peer", description="Join a swarmtrain run and train.", allow_abbrev=False,
+    p = OneLineParser(prog="swarm-peer", description="Join a swarmtrain run and train. "
+                      "(`swarm-peer status --join ADDR` shows a running swarm instead.)", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="TOML run config (flags override it)")
     p.add_argument("--join", action="append", default=[], metavar="MULTIADDR",
                    help="address of any live peer or bootstrap node (repeatable); same as --swarm.initial-peers")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint.dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument("--log-format", choices=["auto", "rich", "text", "json"], help="same as --log.format")
     configlib.add_arguments(p, RunConfig)
     ns = p.parse_args(argv)
     overrides = configlib.overrides_from_namespace(ns, RunConfig)
@@ -37,6 +40,8 @@ def parse(argv: list[str] | None) -> RunConfig:
         overrides.setdefault("swarm", {})["initial_peers"] = ",".join(ns.join)
     if ns.resume:
         overrides.setdefault("checkpoint", {})["resume"] = True
+    if ns.log_format:
+        overrides.setdefault("log", {})["format"] = ns.log_format
     cfg = configlib.load(RunConfig, path=ns.config, cli_overrides=overrides)
     if ns.print_config:
         print(configlib.dump_toml(cfg))
@@ -45,14 +50,16 @@ def parse(argv: list[str] | None) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("hivemind", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:  # `swarm-peer status --join ADDR`: show the swarm, train nothing
+        from .status import main as status_main
+        return status_main(argv[1:])
     try:
         cfg = parse(argv)
     except (configlib.ConfigError, ValueError) as e:
         print(f"swarm-peer: error: {e}", file=sys.stderr)
         return 2
+    configure_logging(cfg.log.format)
 
     stop = threading.Event()
 

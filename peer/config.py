@@ -6,6 +6,7 @@
     [train]       the CLI trainer's inner loop    TrainConfig
     [model]       the embedded byte-level GPT     peer.model.ModelConfig
     [data]        the training text               peer.data.DataConfig
+    [log]         progress display and trackers   peer.progress.LogConfig
 
 `PeerConfig` (swarm + sync + checkpoint) is what the Python API needs; `RunConfig` adds
 what `swarm-peer` needs to train the embedded model. Every invalid value raises a
@@ -26,6 +27,7 @@ from averaging.outer import OuterConfig
 from .configlib import doc
 from .data import DataConfig
 from .model import ModelConfig
+from .progress import LogConfig
 
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -144,7 +146,6 @@ class TrainConfig:
     device: str = doc("auto", "auto, cpu, cuda, cuda:N or mps")
     threads: int = doc(0, "torch CPU threads (0 = torch's default)")
     eval_batches: int = doc(8, "validation batches after each round")
-    log_every_steps: int = doc(10, "log training loss every N steps")
     summary_file: str = doc("", "write a JSON summary here on exit")
 
     def __post_init__(self) -> None:
@@ -155,8 +156,6 @@ class TrainConfig:
         for name in ("max_rounds", "max_steps", "threads", "eval_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.log_every_steps < 1:
-            raise ValueError(f"log_every_steps must be >= 1, got {self.log_every_steps}")
 
 
 @dataclass(kw_only=True)
@@ -175,6 +174,7 @@ class RunConfig(PeerConfig):
     train: TrainConfig = doc(TrainConfig, "inner training loop")
     model: ModelConfig = doc(ModelConfig, "model architecture")
     data: DataConfig = doc(DataConfig, "training data")
+    log: LogConfig = doc(LogConfig, "progress display, log format, TensorBoard / W&B")
 
     def peer_config(self) -> PeerConfig:
         return PeerConfig(swarm=self.swarm, sync=self.sync, checkpoint=self.checkpoint)

@@ -624,8 +624,8 @@ def make_progress(cfg: LogConfig, *, stream: TextIO | None = None, isatty: bool 
         for sink in extra:
             try:
                 sink.close()
-            except Exception:
-                pass
+            except Exception as e:  # already failing: report the first error, not the cleanup's
+                logging.getLogger("swarmtrain").debug("closing %s after a failed start: %s", type(sink).__name__, e)
         raise
     return ProgressGroup([display, *extra], every_steps=cfg.every_steps)
 

@@ -18,6 +18,7 @@ from .configlib import ConfigError
 from .data import BatchSampler, estimate_loss, load_corpus, parse_shard
 from .device import autocast, detect_device
 from .model import build_model, count_parameters
+from .progress import ProgressSnapshot, RoundInfo, make_progress
 
 log = logging.getLogger("swarmtrain")
 
@@ -39,12 +40,15 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.SGD
     opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     log.info("model: %s parameters on %s; data: %s", f"{count_parameters(model):,}", device, corpus.description)
+    # Credit unit for the swarm's ledger: ~6 FLOPs per parameter per token (forward + backward).
+    flops_per_sample = 6.0 * count_parameters(model) * cfg.model.block_size
 
     def val_loss() -> float:
         return estimate_loss(model, corpus.val, block_size=cfg.model.block_size, batch_size=cfg.data.batch_size,
                              n_batches=cfg.train.eval_batches, device=device)
 
-    with Peer(model, opt, cfg.peer_config()) as peer:
+    progress = make_progress(cfg.log, run_config=None)  # before joining: a missing tracker package fails fast
+    with progress, Peer(model, opt, cfg.peer_config(), flops_per_sample=flops_per_sample) as peer:
         sampler = iter(BatchSampler(corpus.train, block_size=cfg.model.block_size, batch_size=cfg.data.batch_size,
                                     shard=parse_shard(cfg.data.shard), seed=peer.seed))
         val_start = val_loss()
@@ -60,19 +64,20 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if (peer.local_step + 1) % cfg.train.log_every_steps == 0:
-                peer.report_loss(loss.item())
-                log.info("step %d  loss %.4f  round %d", peer.local_step + 1, peer.last_loss, peer.round)
+            if (peer.local_step + 1) % cfg.log.every_steps == 0:
+                peer.report_loss(loss.item())  # .item() waits for the device: only every few steps
             result = peer.step(samples=x.shape[0])
             if result is not None and result.ok:
                 val_final = val_loss()
                 round_losses.append((peer.round, val_final))
                 log.info("round %d: %d peers, %.2fs, validation loss %.4f", peer.round, len(result.members),
                          result.duration_s, val_final)
+            progress.update(_snapshot(peer, val_final))
             if cfg.train.max_rounds and peer.round >= cfg.train.max_rounds:
                 break
             if cfg.train.max_steps and peer.local_step >= cfg.train.max_steps:
                 break
+        progress.update(_snapshot(peer, val_final), force=True)
         summary = {
             "peer_id": peer.peer_id, "rounds": peer.round, "rounds_failed": peer.rounds_failed,
             "steps": peer.local_step, "samples": peer.total_samples, "val_loss_start": val_start,
@@ -83,6 +88,14 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
             "interrupted": stop.is_set(),
         }
     return summary
+
+
+def _snapshot(peer: Peer, val_loss: float) -> ProgressSnapshot:
+    last = peer.history[-1] if peer.history else None
+    info = None if last is None else RoundInfo(round=last.round + 1, status=last.status, duration_s=last.duration_s,
+                                                bytes_sent=last.bytes_sent, members=len(last.members), error=last.error)
+    return ProgressSnapshot(step=peer.local_step, loss=peer.last_loss, samples_per_s=peer.samples_per_s, round=peer.round,
+                            peers_seen=peer.peers_seen, last_round=info, val_loss=val_loss, samples=peer.total_samples)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

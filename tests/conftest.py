@@ -43,7 +43,8 @@ class Procs:
         maddrs = self.tmp / f"{name}.maddrs"
         maddrs.unlink(missing_ok=True)
         p = self.spawn(name, ["-m", "bootstrap", "--identity", str(identity or self.tmp / f"{name}.key"), "--host", "127.0.0.1",
-                              "--port", "0", "--monitor-every", "2", "--maddrs-file", str(maddrs), *extra])
+                              "--port", "0", "--monitor-every", "2", "--maddrs-file", str(maddrs),
+                              "--ledger", str(self.tmp / f"{name}.ledger.json"), *extra])
         wait_for(lambda: maddrs.exists() and maddrs.read_text().strip(), 60, f"{name} to start", p)
         return p, maddrs.read_text().split()[0]
 

@@ -1,0 +1,119 @@
+"""The contribution ledger and the run monitor, without a network: credit is added once,
+survives a restart of the bootstrap (save + load), and a damaged file is never overwritten."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from averaging.errors import StateError
+from bootstrap.ledger import Ledger
+from bootstrap.monitor import MAX_LOSS_POINTS, RunMonitor
+from peer.membership import PeerRecord, RoundOutcome
+
+FPS = 1e9  # FLOPs per sample
+
+
+def rec(pid: str, samples: int, *, compute: float = 0.0, rounds: int = 0, loss: float | None = 2.0,
+        recent: tuple = (), role: str = "trainer", fps: float = FPS) -> PeerRecord:
+    return PeerRecord(peer_id=pid, round=rounds, fingerprint="f", schema="s", digest="d", host="h", port=1,
+                      samples=samples, compute_s=compute, rounds_ok=rounds, loss=loss, device="cpu", role=role,
+                      flops_per_sample=fps, recent=recent, t=100.0)
+
+
+def test_credit_counts_only_increments():
+    led = Ledger(None)
+    led.observe([rec("A", 100, compute=10, rounds=1)], flops_per_sample=FPS, now=1)
+    led.observe([rec("A", 100, compute=10, rounds=1)], flops_per_sample=FPS, now=2)  # same record seen twice
+    led.observe([rec("A", 250, compute=25, rounds=3)], flops_per_sample=FPS, now=3)
+    (row,) = led.rows()
+    assert (row["samples"], row["compute_s"], row["rounds"]) == (250, 25, 3)
+    assert row["credit"] == 250 * FPS
+    assert (row["first_seen"], row["last_seen"]) == (1, 3)
+
+
+def test_peer_restart_with_same_identity_keeps_and_adds_credit():
+    led = Ledger(None)
+    led.observe([rec("A", 300)], flops_per_sample=FPS, now=1)
+    led.observe([rec("A", 40)], flops_per_sample=FPS, now=2)  # counter went down: the peer restarted
+    led.observe([rec("A", 90)], flops_per_sample=FPS, now=3)
+    assert led.rows()[0]["samples"] == 300 + 90
+
+
+def test_archivists_earn_no_credit_and_leaderboard_is_ranked():
+    led = Ledger(None)
+    led.observe([rec("A", 10), rec("B", 30), rec("C", 20), rec("Z", 10**6, role="archivist")], flops_per_sample=FPS, now=1)
+    assert [r["peer_id"] for r in led.rows()] == ["B", "C", "A"]
+    assert [r["rank"] for r in led.rows()] == [1, 2, 3]
+
+
+def test_ledger_survives_restart_without_double_counting(tmp_path):
+    path = tmp_path / "ledger.json"
+    led = Ledger(path)
+    led.observe([rec("A", 100, compute=5, rounds=2), rec("B", 50)], flops_per_sample=FPS, now=1)
+    led.save()
+    before = led.rows()
+
+    again = Ledger(path)  # a restarted bootstrap node
+    assert again.rows() == before
+    again.observe([rec("A", 100, compute=5, rounds=2), rec("B", 80)], flops_per_sample=FPS, now=2)  # A: nothing new
+    rows = {r["peer_id"]: r for r in again.rows()}
+    assert rows["A"]["samples"] == 100 and rows["B"]["samples"] == 80
+    again.save()
+    exported = list(csv.DictReader((tmp_path / "ledger.csv").read_text().splitlines()))
+    assert [(r["peer_id"], int(r["samples"])) for r in exported] == [("A", 100), ("B", 80)]
+
+
+@pytest.mark.parametrize("content", [
+    "not json", "[]", '{"format": "other", "peers": []}',
+    '{"format": "swarmtrain-ledger-v1", "peers": [{"peer_id": "A"}]}',
+    '{"format": "swarmtrain-ledger-v1", "peers": [{"peer_id": "A", "first_seen": 1, "last_seen": 1, "samples": -5}]}',
+    '{"format": "swarmtrain-ledger-v1", "peers": [{"peer_id": "A", "first_seen": 1, "last_seen": 1, "hack": 1}]}',
+])
+def test_damaged_ledger_is_reported_and_left_untouched(tmp_path, content):
+    path = tmp_path / "ledger.json"
+    path.write_text(content)
+    with pytest.raises(StateError, match="ledger .* is unreadable") as e:
+        Ledger(path)
+    assert "\n" not in str(e.value)
+    assert path.read_text() == content
+
+
+def test_monitor_merges_round_outcomes_from_all_peers():
+    mon = RunMonitor(None, "run", Ledger(None))
+    ok = lambda r, t: RoundOutcome(round=r, status="complete", duration_s=0.5, bytes=100, members=2, t=t)  # noqa: E731
+    bad = lambda r, t: RoundOutcome(round=r, status="failed", duration_s=2.0, bytes=0, members=1, t=t)  # noqa: E731
+    mon.observe({"A": rec("A", 10, recent=(ok(1, 1.0), bad(2, 2.0))), "B": rec("B", 10, recent=(ok(1, 1.1), ok(2, 2.1)))}, now=1)
+    # later, A retried round 2 and completed it; its record no longer carries round 1
+    mon.observe({"A": rec("A", 20, recent=(bad(2, 2.0), ok(2, 3.0))), "B": rec("B", 20, recent=(ok(1, 1.1), ok(2, 2.1)))}, now=2)
+    rounds = {r["round"]: r for r in mon.status()["rounds"]}
+    assert rounds[1]["status"] == "complete" and rounds[1]["peers"] == 2  # remembered after A's record dropped it
+    assert rounds[2]["status"] == "complete" and rounds[2]["bytes"] == 200
+
+
+def test_monitor_status_peers_and_loss_history():
+    mon = RunMonitor(None, "run", Ledger(None))
+    mon.observe({"A": rec("A", 10, loss=3.0), "B": rec("B", 30, loss=2.0), "Z": rec("Z", 0, role="archivist", loss=None)}, now=1)
+    mon.observe({"A": rec("A", 20, loss=2.0), "B": rec("B", 40, loss=1.0)}, now=2)
+    s = mon.status()
+    assert s["peers_live"] == 2 and s["total_samples"] == 60
+    assert [p["loss"] for p in s["loss_history"]] == [2.5, 1.5]
+    assert {p["peer_id"] for p in mon.peers()} == {"A", "B"}
+    assert [r["peer_id"] for r in mon.ledger()] == ["B", "A"]
+    json.dumps(s)  # the dashboard serves it as JSON
+
+
+def test_monitor_thins_a_long_loss_history_but_keeps_its_start():
+    mon = RunMonitor(None, "run", Ledger(None))
+    for i in range(3 * MAX_LOSS_POINTS):
+        mon.observe({"A": rec("A", i + 1, loss=1.0 + 1 / (i + 1))}, now=float(i))
+    hist = mon.status()["loss_history"]
+    assert len(hist) <= MAX_LOSS_POINTS
+    assert hist[0]["t"] == 0.0 and hist[-1]["t"] == 3 * MAX_LOSS_POINTS - 1
+
+
+def test_one_peer_cannot_inflate_the_credit_unit():
+    mon = RunMonitor(None, "run", Ledger(None))
+    mon.observe({"A": rec("A", 100), "B": rec("B", 100), "C": rec("C", 100, fps=1e30)}, now=1)
+    assert all(r["credit"] == 100 * FPS for r in mon.ledger())  # the median FLOPs/sample is used

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import threading
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
@@ -43,7 +42,6 @@ START_TIMEOUT_S = 10.0   # binding a socket is instant; this only guards against
 CLOSE_TIMEOUT_S = 5.0    # close() never blocks longer than about this
 SHUTDOWN_GRACE_S = 2.0   # in-flight requests get this long to finish when closing
 _NO_STORE = {"Cache-Control": "no-store"}
-_ROUND_STATUSES = ("complete", "failed", "partial")
 
 
 def _jsonable(x: Any) -> Any:
@@ -62,26 +60,10 @@ class _MonitorCollector(Collector):
 
     def __init__(self, monitor: Any) -> None:
         self._monitor = monitor
-        self._lock = threading.Lock()          # scrapes may run concurrently in the worker pool
-        self._rounds_seen: set[tuple[Any, Any]] = set()
-        self._rounds_total: Counter[str] = Counter({s: 0 for s in _ROUND_STATUSES})
-
-    def _count_new_rounds(self, rounds: list[dict]) -> None:
-        # The monitor only keeps the last rounds, so counting that window would go down as old
-        # rounds drop out; a Prometheus counter must not. Count each (round, t) once instead.
-        with self._lock:
-            window = set()
-            for r in rounds:
-                key = (r["round"], r["t"])
-                window.add(key)
-                if key not in self._rounds_seen:
-                    self._rounds_total[str(r["status"])] += 1
-            self._rounds_seen = window   # a round that left the window never comes back
 
     def collect(self) -> Iterable[Metric]:
         # Read everything first, so a failing monitor call yields an error, not half a scrape.
         status, peers = self._monitor.status(), self._monitor.peers()
-        self._count_new_rounds(status["rounds"])
         out: list[Metric] = [
             GaugeMetricFamily("swarmtrain_peers_live", "Live peers in the run.", value=status["peers_live"]),
             GaugeMetricFamily("swarmtrain_round", "Newest round reached by a live peer.", value=status["round"]),
@@ -95,9 +77,9 @@ class _MonitorCollector(Collector):
             out.append(GaugeMetricFamily("swarmtrain_train_loss", "Mean training loss of live peers.",
                                          value=status["mean_loss"]))
         rounds = CounterMetricFamily("swarmtrain_rounds", "Sync rounds seen by this node, by outcome.", labels=["status"])
-        with self._lock:
-            for outcome, n in sorted(self._rounds_total.items()):
-                rounds.add_metric([outcome], n)
+        # Counted by the monitor, once per settled round (one older than the newest), so it never goes down.
+        for outcome, n in sorted(status.get("rounds_total", {}).items()):
+            rounds.add_metric([str(outcome)], n)
         out.append(rounds)
         speed = GaugeMetricFamily("swarmtrain_peer_samples_per_second", "Training throughput of one peer.", labels=["peer"])
         credit = GaugeMetricFamily("swarmtrain_peer_credit", "Estimated compute contributed by one peer (FLOP).",

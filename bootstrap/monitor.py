@@ -35,6 +35,8 @@ class RunMonitor:
         self._loss: list[dict[str, Any]] = []
         self._outcomes: dict[int, dict[str, Any]] = {}  # round -> peer id -> RoundOutcome
         self._rounds: dict[int, dict[str, Any]] = {}
+        self._settled = 0  # rounds below this one are final and counted in _rounds_total
+        self._rounds_total = {"complete": 0, "failed": 0, "partial": 0}
         self._updated = 0.0
 
     def poll(self) -> RunStatus:
@@ -54,6 +56,12 @@ class RunMonitor:
                 if len(self._loss) > MAX_LOSS_POINTS:
                     self._loss = self._loss[: -MAX_LOSS_POINTS // 2 : 2] + self._loss[-MAX_LOSS_POINTS // 2 :]
             self._rounds = round_outcomes(list(status.peers), self._outcomes)
+            # A round is settled once a newer one has been reported: count it then, exactly once.
+            newest = max(self._rounds, default=0)
+            for r in sorted(self._rounds):
+                if self._settled <= r < newest:
+                    self._rounds_total[self._rounds[r]["status"]] += 1
+            self._settled = max(self._settled, newest)
             for old in sorted(self._outcomes)[:-MAX_ROUNDS]:
                 del self._outcomes[old]
         return status
@@ -73,6 +81,7 @@ class RunMonitor:
                 "total_samples": sum(e.samples for e in self._ledger.entries.values()),
                 "mean_loss": s.mean_loss, "updated": self._updated, "loss_history": list(self._loss),
                 "rounds": [self._rounds[r] for r in sorted(self._rounds)[-MAX_ROUNDS:]],
+                "rounds_total": dict(self._rounds_total),
             }
 
     def peers(self) -> list[dict[str, Any]]:

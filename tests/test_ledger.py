@@ -90,6 +90,11 @@ def test_monitor_merges_round_outcomes_from_all_peers():
     rounds = {r["round"]: r for r in mon.status()["rounds"]}
     assert rounds[1]["status"] == "complete" and rounds[1]["peers"] == 2  # remembered after A's record dropped it
     assert rounds[2]["status"] == "complete" and rounds[2]["bytes"] == 200
+    # Only settled rounds (older than the newest) are counted, each once, however often polled.
+    assert mon.status()["rounds_total"] == {"complete": 1, "failed": 0, "partial": 0}
+    mon.observe({"A": rec("A", 30, recent=(ok(2, 3.0), bad(3, 4.0))), "B": rec("B", 30, recent=(ok(2, 2.1), ok(3, 4.1)))}, now=3)
+    mon.observe({"A": rec("A", 30, recent=(ok(2, 3.0), bad(3, 4.0))), "B": rec("B", 30, recent=(ok(2, 2.1), ok(3, 4.1)))}, now=4)
+    assert mon.status()["rounds_total"] == {"complete": 2, "failed": 0, "partial": 0}
 
 
 def test_monitor_status_peers_and_loss_history():

@@ -15,6 +15,7 @@ signed by that owner, and `get_signed` returns only owner-keyed values, by peer 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import signal
 import sys
@@ -46,6 +47,12 @@ class _OwnedDHT(hivemind.DHT):
     """
 
     def run(self) -> None:
+        # The child is forked from a multi-threaded process (training, announcer, sync worker).
+        # Python 3.11 frees the other threads' frame stacks in the child, and frame objects the
+        # parent still references may point into them: a garbage collection that walks those
+        # inherited objects segfaults (seen when the DHT's record validators allocate heavily).
+        # gc.freeze() moves everything inherited to the permanent generation, never traversed.
+        gc.freeze()
         if sys.platform.startswith("linux"):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG

@@ -18,15 +18,23 @@ The result is honest: `complete` only if the transfer finished, every member's
 one-hot count is exactly 1, and the mean is finite. Anything else is `failed`, and the
 caller's tensors are never touched (the all-reduce works on a private copy).
 
-Compressed codecs (fp16, bf16, int8) cannot be summed on the wire, so they take a
-two-phase path (the same byte count as a ring: 2·(n−1)/n of the encoded size):
-    1. the 2n metadata values above, all-reduced in fp32 (also proves everyone is there);
-    2. reduce-scatter: the vector is split into n parts; part j of every member's encoded
-       w·Δ goes to member j (gloo all-to-all), which decodes and sums them in fp32;
-    3. all-gather: each member encodes its part of the mean and every member receives
-       all parts. All members decode the same bytes, so they agree exactly.
-Both encodings use error feedback (see codecs.ErrorFeedback), committed only if the
-round completes.
+That single SUM is the fastest path, but a sum cannot drop a bad contribution: one NaN
+fails the round. It is used only for fp32 + mean in a *trusted* run (`trusted=True`).
+
+Every other round takes the part-wise path (the same byte count as a ring: 2·(n−1)/n of
+the encoded size), where each contribution is seen, checked and reduced on its own:
+    1. metadata [w_i | present_i | declared size_i] all-reduced in fp64: proves everyone is
+       there, and every member computes the same set of *valid* members (the size most
+       members declare, a positive finite weight); the others are excluded from the round;
+    2. reduce-scatter: the vector is split into parts, one per valid member; part j of every
+       valid member's encoded w·Δ goes to its owner (gloo all-to-all), which decodes each,
+       DROPS any with NaN/Inf or undecodable bytes (naming the sender in `rejected`), and
+       reduces the rest with the run's aggregator (mean, trimmed_mean, centered_clip);
+    3. all-gather: each owner encodes its part of the result and every member receives all
+       parts. All members decode the same bytes, so they agree exactly.
+Compressed codecs use error feedback (see codecs.ErrorFeedback), committed only if the
+round completes. Limitation: the owner of a part is trusted for that part (1/m of the
+vector); BTARD-style verification of owners is not implemented (docs/security.md).
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ import math
 import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,7 +53,9 @@ import torch.distributed as dist
 from torch.distributed import PrefixStore
 
 from .codecs import Codec, CodecError, ErrorFeedback, get_codec, partition
+from .faults import Tamper
 from .matchmaking import Group
+from .robust import AggregatorConfig, aggregate
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,9 @@ class RoundResult:
     bytes_sent: int  # estimate for the ring algorithm: 2·(n−1)/n·S
     error: str | None = None
     mean_delta: torch.Tensor | None = None
+    # Contributions this peer refused in this round: (peer id, reason). The averager counts
+    # them as strikes against the sender and bans repeat offenders.
+    rejected: tuple[tuple[str, str], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -134,21 +148,25 @@ class Compression:
 
 def weighted_allreduce(
     group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float,
-    codec: str | Compression = "fp32", pipeline_chunk: int = 0,
+    codec: str | Compression = "fp32", pipeline_chunk: int = 0, aggregator: AggregatorConfig | None = None,
+    trusted: bool = False, tamper: Tamper | None = None,
 ) -> RoundResult:
-    """Average `delta` [P] over the group, weighted by each member's `weight`.
+    """Aggregate `delta` [P] over the group (by default the mean weighted by each member's `weight`).
 
     Failure behaviour: never raises for network faults. A member that dies or stalls makes
     gloo raise within `timeout_s` (sooner when its sockets close); the result is then
     `failed` and `delta` is untouched. Blocks for at most about 2·timeout_s (rendezvous +
-    transfer).
+    transfer). Bad contributions (wrong size, NaN/Inf, undecodable) are dropped on the
+    part-wise path and listed in `rejected`; on the trusted fp32 SUM path they fail the round.
+    `tamper` is the fault-injection seam of the hostile-peer tests (see faults.py).
     """
     if not (weight > 0 and math.isfinite(weight)):
         raise ValueError(f"weight must be positive and finite, got {weight}")
     comp = Compression.named(codec) if isinstance(codec, str) else codec
-    if not comp.codec.lossless:
-        return _compressed_allreduce(group, delta, weight, host=host, timeout_s=timeout_s, comp=comp,
-                                     chunk=pipeline_chunk or PIPELINE_CHUNK)
+    agg = aggregator or AggregatorConfig()
+    if not (comp.codec.lossless and trusted and agg.name == "mean" and tamper is None):
+        return _partwise_allreduce(group, delta, weight, host=host, timeout_s=timeout_s, comp=comp,
+                                   chunk=pipeline_chunk or PIPELINE_CHUNK, agg=agg, tamper=tamper)
     t0 = time.monotonic()
     n, r = group.size, group.rank
     P = delta.numel()
@@ -194,8 +212,9 @@ def weighted_allreduce(
 PIPELINE_CHUNK = 1 << 20
 
 
-def _compressed_allreduce(
-    group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float, comp: Compression, chunk: int
+def _partwise_allreduce(
+    group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float, comp: Compression, chunk: int,
+    agg: AggregatorConfig, tamper: Tamper | None,
 ) -> RoundResult:
     t0 = time.monotonic()
     n, r = group.size, group.rank
@@ -203,84 +222,156 @@ def _compressed_allreduce(
     codec = comp.codec
     comp.ensure(P)
     assert comp.contrib is not None and comp.mean is not None
-    meta = torch.zeros(2 * n, dtype=torch.float32)
-    meta[r], meta[n + r] = weight, 1.0
+    meta = torch.zeros(3 * n, dtype=torch.float64)  # [w | present | declared size]; fp64 keeps sizes exact
+    meta[r], meta[n + r], meta[2 * n + r] = weight, 1.0, P if tamper is None else tamper.declared_numel(P)
     x = delta.detach().reshape(-1).to("cpu", torch.float32) * weight  # private copy [P]
-    # Each chunk [c0, c1) is split into n parts; part j of every member's chunk goes to member j.
-    chunks = [[(c0 + s, c0 + e) for s, e in partition(min(c0 + chunk, P) - c0, n)] for c0 in range(0, P, chunk)]
+    if tamper is not None:
+        x = tamper.apply(x, group.round)
     pending: list = []  # error-feedback residuals, committed only if the round completes
-    sent = ring_bytes(meta.numel() * 4, n)
+    sent = ring_bytes(meta.numel() * 8, n)
     weights: tuple[float, ...] = ()
+    rejected: list[tuple[str, str]] = []
 
     def failed(msg: str) -> RoundResult:
         log.warning("round %d failed: %s", group.round, msg)
-        return RoundResult(group.round, "failed", group.members, weights, time.monotonic() - t0, sent, msg)
+        return RoundResult(group.round, "failed", group.members, weights, time.monotonic() - t0, sent, msg,
+                           rejected=tuple(rejected))
 
     pg = None
     try:
         pg = make_gloo_group(group, host=host, timeout_s=timeout_s)
         pg.allreduce([meta]).wait()
         weights = tuple(float(w) for w in meta[:n])
-        if not torch.equal(meta[n:], torch.ones(n)):
-            return failed(f"incomplete: members present = {meta[n:].tolist()}")
-        total = sum(weights)
-        if not (total > 0 and math.isfinite(total)):
-            return failed(f"invalid total weight {total}")
+        if not torch.equal(meta[n : 2 * n], torch.ones(n, dtype=torch.float64)):
+            return failed(f"incomplete: members present = {meta[n : 2 * n].tolist()}")
+        # Every member computes the same valid set from the same metadata, so the collectives
+        # below stay consistent: excluded members send and receive nothing in phase 2.
+        sizes = Counter(int(v) for v in meta[2 * n :].tolist())
+        size = min(sizes, key=lambda v: (-sizes[v], v))  # the size most members declare
+        valid = []
+        for i in range(n):
+            if int(meta[2 * n + i]) != size:
+                rejected.append((group.members[i], f"wrong size {int(meta[2 * n + i])} (expected {size})"))
+            elif not (0 < weights[i] < math.inf):
+                rejected.append((group.members[i], f"invalid weight {weights[i]}"))
+            else:
+                valid.append(i)
+        if r in valid and size != P:  # cannot happen for an honest peer; a guard against misuse
+            return failed(f"this peer's update has {P} values but the group agreed on {size}")
+        owner = {i: j for j, i in enumerate(valid)}  # rank -> index of the part it reduces
+        m = len(valid)
+        me_in = r in owner
+        # Each chunk [c0, c1) is split into m parts; part j of every valid member's chunk goes to valid[j].
+        chunks = [[(c0 + s, c0 + e) for s, e in partition(min(c0 + chunk, size) - c0, m)] for c0 in range(0, size, chunk)]
         # Phase 2, reduce-scatter: encode each chunk and issue its all-to-all without waiting.
         scatters = []
         for parts in chunks:
             encoded = []
-            for j, (s, e) in enumerate(parts):
-                if j == r:  # our own part never crosses the wire: it stays exact (nothing to encode)
+            for i in range(n):
+                if not me_in or i == r or i not in owner:  # nothing crosses the wire for our own part
                     encoded.append(torch.empty(0, dtype=torch.uint8))
                     continue
-                data, _, res = comp.contrib.compress(x[s:e], s)
+                s0, e0 = parts[owner[i]]
+                data, _, res = comp.contrib.compress(x[s0:e0], s0)
                 encoded.append(data)
-                pending.append((comp.contrib, s, res))
-            part_bytes = codec.wire_bytes(parts[r][1] - parts[r][0])
-            recv_splits = [0 if i == r else part_bytes for i in range(n)]
+                pending.append((comp.contrib, s0, res))
+            part_bytes = codec.wire_bytes(parts[owner[r]][1] - parts[owner[r]][0]) if me_in else 0
+            recv_splits = [part_bytes if me_in and i != r and i in owner else 0 for i in range(n)]
             received = torch.empty(sum(recv_splits), dtype=torch.uint8)
             splits = [d.numel() for d in encoded]
             sent += sum(splits)
             work = pg.alltoall_base(received, torch.cat(encoded), recv_splits, splits)
-            scatters.append((parts, received, part_bytes, work))
-        # Phase 3, all-gather: as each chunk's parts arrive, sum ours and send the encoded mean part.
+            scatters.append((parts, received, recv_splits, work))
+        # Phase 3, all-gather: as each chunk's parts arrive, reduce ours and send the encoded result part.
         gathers = []
-        for parts, received, part_bytes, work in scatters:
+        for parts, received, recv_splits, work in scatters:
             work.wait()
-            my_s, my_e = parts[r]
-            # Our own contribution, exact, plus any residual left on this range from rounds in
-            # which another member owned it (that residual is now spent).
-            acc = x[my_s:my_e] + comp.contrib.residual[my_s:my_e]
-            pending.append((comp.contrib, my_s, torch.zeros(my_e - my_s)))
-            for k in range(n - 1):
-                acc += codec.decode(received[k * part_bytes : (k + 1) * part_bytes], my_e - my_s)
-            mean_data, _, res = comp.mean.compress(acc.div_(total), my_s)
-            pending.append((comp.mean, my_s, res))
             max_bytes = codec.wire_bytes(max(e - s for s, e in parts))
             padded = torch.zeros(max_bytes, dtype=torch.uint8)
-            padded[: mean_data.numel()] = mean_data
+            if me_in:
+                my_s, my_e = parts[owner[r]]
+                result = _reduce_part(group, received, recv_splits, x[my_s:my_e] + comp.contrib.residual[my_s:my_e],
+                                      weights, valid, codec, agg, rejected)
+                # Our own contribution went in exact, plus any residual left on this range from rounds in
+                # which another member owned it (that residual is now spent).
+                pending.append((comp.contrib, my_s, torch.zeros(my_e - my_s)))
+                mean_data, _, res = comp.mean.compress(result, my_s)
+                pending.append((comp.mean, my_s, res))
+                padded[: mean_data.numel()] = mean_data
             gathered = [torch.empty(max_bytes, dtype=torch.uint8) for _ in range(n)]
             sent += (n - 1) * max_bytes
             gathers.append((parts, gathered, pg.allgather([gathered], [padded])))
-        mean = torch.empty(P, dtype=torch.float32)
+        mean = torch.empty(size, dtype=torch.float32)
         for parts, gathered, work in gathers:
             work.wait()
-            for j, (s, e) in enumerate(parts):
-                mean[s:e] = codec.decode(gathered[j][: codec.wire_bytes(e - s)], e - s)
+            for j, (s0, e0) in enumerate(parts):
+                mean[s0:e0] = codec.decode(gathered[valid[j]][: codec.wire_bytes(e0 - s0)], e0 - s0)
     except RuntimeError as e:
         return failed(f"{codec.name} all-reduce over {n} peers failed: {_first_line(e)}")
     except CodecError as e:
-        return failed(f"undecodable data from a peer: {e}")
+        return failed(f"undecodable result part from a peer: {e}")
     finally:
         if pg is not None:
             _REAPER.retire(pg)
+    if rejected:
+        log.warning("round %d: dropped contributions: %s", group.round,
+                    "; ".join(f"{pid[-8:]}: {why}" for pid, why in sorted(set(rejected))))
+    if not me_in:
+        return failed("this peer's contribution was excluded by the group (see the other peers' logs)")
     if not all_finite(mean):
         return failed("non-finite values in the averaged result")
-    for fb, s, res in pending:  # the round completed: the quantization errors are now "sent"
-        fb.commit(s, res)
+    for fb, s0, res in pending:  # the round completed: the quantization errors are now "sent"
+        fb.commit(s0, res)
     return RoundResult(group.round, "complete", group.members, weights, time.monotonic() - t0, sent, None,
-                       mean.to(delta.device))
+                       mean.to(delta.device), rejected=tuple(sorted(set(rejected))))
+
+
+def _reduce_part(
+    group: Group, received: torch.Tensor, recv_splits: list[int], own: torch.Tensor, weights: tuple[float, ...],
+    valid: list[int], codec: Codec, agg: AggregatorConfig, rejected: list[tuple[str, str]],
+) -> torch.Tensor:
+    """Reduce the part this peer owns: `own` [L] is its exact w·Δ; `received` holds the other
+    valid members' encoded w·Δ for the same range. Drops (and names) any contribution that does
+    not decode or is not finite; returns the aggregate of Δ over the rest, [L] float32.
+
+    Never raises: the other members are waiting for this part in the all-gather. If nothing
+    usable is left, the part is NaN, so every member fails the round instead of applying it.
+    """
+    L = own.numel()
+    rows, ws = [], []
+    if all_finite(own):
+        rows.append(own)
+        ws.append(weights[group.rank])
+    else:  # our own update diverged: it must not poison the group either
+        rejected.append((group.members[group.rank], "NaN/Inf values"))
+    offset = 0
+    for i, nbytes in enumerate(recv_splits):
+        if nbytes == 0:
+            continue
+        chunk_bytes, offset = received[offset : offset + nbytes], offset + nbytes
+        try:
+            row = codec.decode(chunk_bytes, L)
+        except CodecError as e:
+            rejected.append((group.members[i], f"undecodable: {e}"))
+            continue
+        if not all_finite(row):
+            rejected.append((group.members[i], "NaN/Inf values"))
+            continue
+        rows.append(row)
+        ws.append(weights[i])
+    if not rows:
+        return torch.full((L,), float("nan"))
+    if agg.name == "mean":  # the fast path: Σ w·Δ / Σ w over the accepted contributions
+        acc = rows[0].clone()
+        for row in rows[1:]:
+            acc += row
+        return acc.div_(sum(ws))
+    w = torch.tensor(ws, dtype=torch.float32)
+    try:
+        return aggregate(torch.stack(rows) / w[:, None], w, agg)  # robust aggregators see Δ_i, not w_i·Δ_i
+    except ValueError as e:  # e.g. Δ = w·Δ / w overflowing: fail the round, do not hang the group
+        log.warning("round %d: could not aggregate this part: %s", group.round, e)
+        return torch.full((L,), float("nan"))
 
 
 def _first_line(e: BaseException) -> str:

@@ -129,10 +129,13 @@ class Matchmaker:
     """
 
     def __init__(
-        self, dht: SwarmDHT, *, listen_host: str, announce_host: str, cfg: MatchmakingConfig, client_mode: bool = False
+        self, dht: SwarmDHT, *, listen_host: str, announce_host: str, cfg: MatchmakingConfig, client_mode: bool = False,
+        banned: set[str] | None = None,
     ) -> None:
         self.dht = dht
         self.cfg = cfg
+        # Peers this node refuses to group with (shared with the averager, which bans them).
+        self.banned: set[str] = banned if banned is not None else set()
         self.announce_host = announce_host
         self.client_mode = client_mode
         # A TCPStore master is a small C++ server thread; port 0 lets the OS pick a port.
@@ -175,7 +178,8 @@ class Matchmaker:
                 cands[me.peer_id] = me
             if hint is not None:
                 cands.setdefault(hint.peer_id, hint)
-            live = [c for pid, c in cands.items() if pid not in excluded or pid == me.peer_id]
+            live = [c for pid, c in cands.items()
+                    if pid == me.peer_id or (pid not in excluded and pid not in self.banned)]
             if not live:  # a client waits for a peer that can lead
                 time.sleep(_RESCAN_S)
                 continue
@@ -219,7 +223,8 @@ class Matchmaker:
             if time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + _RESCAN_S
                 expected = max(1, expected_size())
-                earlier = [c for c in self._candidates(key) if c < me and c.peer_id not in excluded]
+                earlier = [c for c in self._candidates(key) if c < me and c.peer_id not in excluded
+                           and c.peer_id not in self.banned]
                 if earlier:
                     # Two leaders raced; the earlier one wins. Tell our followers where to go.
                     target_c = min(earlier)
@@ -238,6 +243,9 @@ class Matchmaker:
                 log.debug("slot %d of round %d unusable: %s", slot, round_, e)
                 continue
             pid = rec.get("peer_id") if isinstance(rec, dict) else None
+            if isinstance(pid, str) and pid in self.banned:
+                log.info("round %d: refused banned peer %s", round_, pid[-8:])
+                continue
             if isinstance(pid, str) and pid not in members and pid not in clients:
                 (clients if rec.get("client") is True else members).append(pid)
         if len(members) + len(clients) < self.cfg.min_group_size:

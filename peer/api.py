@@ -34,6 +34,7 @@ from averaging.allreduce import RoundResult
 from averaging.averager import Averager
 from averaging.dht import SwarmDHT, dht_time
 from averaging.errors import ModelMismatchError, StateError
+from averaging.faults import Tamper
 from averaging.flat import describe_schema, flatten_params, parameter_schema, schema_fingerprint, tensor_digest, write_flat_
 from averaging.outer import OuterOptimizer
 
@@ -57,10 +58,12 @@ class Peer:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, config: PeerConfig | None = None,
-                 *, flops_per_sample: float | None = None) -> None:
+                 *, flops_per_sample: float | None = None, tamper: Tamper | None = None) -> None:
         """`flops_per_sample`: training FLOPs of one sample, the unit of this peer's credit in the
-        swarm's ledger (default 6 × parameters: one forward + backward per input position)."""
+        swarm's ledger (default 6 × parameters: one forward + backward per input position).
+        `tamper`: fault injection for the hostile-peer tests only (averaging/faults.py)."""
         self.config = config or PeerConfig()
+        self._tamper = tamper
         self.model = model
         self.optimizer = optimizer
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -121,7 +124,7 @@ class Peer:
         self.peer_id = self._dht.peer_id
         self.announce_host = sw.announce_host or _detect_announce_host(sw.host, self._dht.visible_maddrs())
         self._averager = Averager(self._dht, self.config.sync.averager(
-            listen_host=sw.host, announce_host=self.announce_host, client_mode=sw.client_mode))
+            listen_host=sw.host, announce_host=self.announce_host, client_mode=sw.client_mode), tamper=self._tamper)
         self._check_compatible()
         if self.config.checkpoint.resume:
             self._resume_from_checkpoint()
@@ -221,6 +224,16 @@ class Peer:
         if self.schedule.due():
             return self.sync()
         return None
+
+    @property
+    def banned(self) -> frozenset[str]:
+        """Peers this one refuses to average with for the rest of the run (repeatedly rejected contributions)."""
+        return frozenset(self._averager.banned) if self._averager is not None else frozenset()
+
+    @property
+    def strikes(self) -> dict[str, int]:
+        """Rounds in which this peer rejected another's contribution, per sender (see ban_after)."""
+        return dict(self._averager.strikes) if self._averager is not None else {}
 
     @property
     def samples_per_s(self) -> float:
@@ -386,8 +399,9 @@ class Peer:
         return others
 
     def _expected_group_size(self) -> int:
+        banned = self._averager.banned if self._averager is not None else set()
         same = [r for r in self._others() if r.role == "trainer" and r.fingerprint == self.fingerprint
-                and r.round == self.round and r.digest == self.digest]
+                and r.round == self.round and r.digest == self.digest and r.peer_id not in banned]
         return 1 + len(same)
 
     def _check_compatible(self) -> None:

@@ -23,6 +23,7 @@ import multiaddr
 from averaging.averager import AveragerConfig
 from averaging.matchmaking import MatchmakingConfig
 from averaging.outer import OuterConfig
+from averaging.robust import AggregatorConfig
 
 from .configlib import doc
 from .data import DataConfig
@@ -88,6 +89,14 @@ class SyncConfig:
     overlap: bool = doc(False, "keep training while a round's all-reduce runs; apply its outer step one round late")
     compression: Literal["fp32", "fp16", "bf16", "int8"] = doc(
         "fp32", "wire codec: fp32 exact; fp16/bf16 half the bytes; int8 a quarter (with error feedback)")
+    aggregator: Literal["mean", "trimmed_mean", "centered_clip"] = doc(
+        "mean", "how each part is reduced: mean (weighted), or robust to hostile peers: trimmed_mean, centered_clip")
+    trim: float = doc(0.2, "trimmed_mean: fraction of values dropped at EACH end, per coordinate (0 <= trim < 0.5)")
+    clip_tau: float = doc(1.0, "centered_clip: clipping radius, relative to the median distance of the updates")
+    clip_iters: int = doc(3, "centered_clip: fixed-point iterations")
+    ban_after: int = doc(3, "ban a peer for the rest of the run after this many rounds with a rejected contribution")
+    trusted: bool = doc(False, "all peers are trusted (private run): fp32+mean uses the faster ring SUM, "
+                               "which cannot drop a bad contribution (a NaN fails the round)")
 
     def __post_init__(self) -> None:
         if self.every_steps < 0 or self.every_seconds < 0:
@@ -100,6 +109,9 @@ class SyncConfig:
             raise ValueError(f"allreduce_timeout must be > 0, got {self.allreduce_timeout}")
         if self.compression not in ("fp32", "fp16", "bf16", "int8"):
             raise ValueError(f"compression must be fp32, fp16, bf16 or int8, got {self.compression!r}")
+        self.aggregation()  # validates aggregator, trim, clip_tau, clip_iters
+        if self.ban_after < 1:
+            raise ValueError(f"ban_after must be >= 1, got {self.ban_after}")
 
     def outer(self) -> OuterConfig:
         return OuterConfig(lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov)
@@ -110,11 +122,14 @@ class SyncConfig:
             window=self.matchmaking_window, join_timeout=self.join_timeout,
         )
 
+    def aggregation(self) -> AggregatorConfig:
+        return AggregatorConfig(name=self.aggregator, trim=self.trim, clip_tau=self.clip_tau, clip_iters=self.clip_iters)
+
     def averager(self, *, listen_host: str, announce_host: str, client_mode: bool = False) -> AveragerConfig:
         return AveragerConfig(
             listen_host=listen_host, announce_host=announce_host,
             allreduce_timeout=self.allreduce_timeout, codec=self.compression, matchmaking=self.matchmaking(),
-            client_mode=client_mode,
+            client_mode=client_mode, aggregator=self.aggregation(), trusted=self.trusted, ban_after=self.ban_after,
         )
 
 

@@ -77,6 +77,8 @@ class Codec:
         """uint8 [wire_bytes(n)] → fp32 [n]. Raises CodecError on malformed input."""
         if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != self.wire_bytes(n):
             raise CodecError(f"{self.name}: expected {self.wire_bytes(n)} bytes for {n} values, got {data.numel()}")
+        if n == 0:
+            return torch.empty(0, dtype=torch.float32)
         if data.storage_offset() % 4 or not data.is_contiguous():
             data = data.clone()  # a byte slice of a larger buffer may be misaligned for float views
         if self.name == "fp32":

@@ -87,7 +87,11 @@ class Candidate:
         if not isinstance(rec, dict):
             return None
         t, host, port, nonce = rec.get("t"), rec.get("host"), rec.get("port"), rec.get("nonce")
-        if not (_is_number(t) and math.isfinite(t) and isinstance(host, str) and isinstance(nonce, str)):
+        try:
+            t_ok = _is_number(t) and math.isfinite(t)
+        except OverflowError:  # an int beyond float range (JSON can carry one)
+            return None
+        if not (t_ok and isinstance(host, str) and isinstance(nonce, str)):
             return None
         if not (isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 and 0 < len(host) <= 255 and 0 < len(nonce) <= 64):
             return None

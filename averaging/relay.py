@@ -45,17 +45,22 @@ def client_round(group: Group, peer_id: str, delta: torch.Tensor, weight: float,
         me.set(f"{group.prefix}client/{pid}", payload.numpy().tobytes())
         me.wait([f"{group.prefix}client/result"], timedelta(seconds=timeout_s))
         meta = json.loads(me.get(f"{group.prefix}client/result"))
+        if not isinstance(meta, dict):
+            return failed("leader sent a malformed result")
         if meta.get("status") != "complete":
-            return failed(f"leader reports: {meta.get('error', 'failed')}")
-        if pid not in meta.get("included", []):
+            return failed(f"leader reports: {str(meta.get('error', 'failed'))[:200]}")
+        included, members, weights = meta.get("included"), meta.get("members", list(group.members)), meta.get("weights", [])
+        if not (isinstance(included, list) and isinstance(members, list) and all(isinstance(m, str) for m in members)
+                and isinstance(weights, list) and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
+            return failed("leader sent a malformed result")
+        if pid not in included:
             return failed("the leader did not include this peer's contribution")
         mean = torch.frombuffer(bytearray(me.get(f"{group.prefix}client/mean")), dtype=torch.float32)
-    except (RuntimeError, ValueError, AttributeError) as e:
+    except (RuntimeError, ValueError, AttributeError) as e:  # RecursionError (absurd JSON nesting) is a RuntimeError
         return failed(f"relay through leader {group.leader[-8:]} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if mean.numel() != delta.numel() or not torch.isfinite(mean).all():
         return failed("leader sent a malformed mean")
-    weights = tuple(float(w) for w in meta.get("weights", []))
-    return RoundResult(group.round, "complete", tuple(meta.get("members", group.members)), weights,
+    return RoundResult(group.round, "complete", tuple(members), tuple(float(w) for w in weights),
                        time.monotonic() - t0, payload.numel() * 4, None, mean.to(delta.device))
 
 

@@ -51,7 +51,8 @@ class LedgerEntry:
     @classmethod
     def from_dict(cls, d: Any) -> "LedgerEntry":
         names = {f.name for f in fields(cls)}
-        if not isinstance(d, dict) or set(d) - names or not {"peer_id", "first_seen", "last_seen"} <= set(d):
+        if not isinstance(d, dict) or not all(isinstance(k, str) for k in d) or set(d) - names \
+                or not {"peer_id", "first_seen", "last_seen"} <= set(d):
             raise ValueError("bad entry")
         e = cls(**d)
         numbers = (e.first_seen, e.last_seen, e.samples, e.compute_s, e.rounds, e.credit,
@@ -80,7 +81,7 @@ class Ledger:
             if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("peers"), list):
                 raise ValueError(f"not a {FORMAT} file")
             entries = [LedgerEntry.from_dict(d) for d in doc["peers"]]
-        except (OSError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        except (OSError, ValueError, TypeError, OverflowError, RecursionError) as e:  # JSONDecodeError is a ValueError
             raise StateError(f"ledger {path} is unreadable ({e}); fix or move it away (it was not modified)") from e
         return {e.peer_id: e for e in entries}
 

@@ -285,13 +285,13 @@ def _coerce(value: Any, tp: Any, key: str, source_of: SourceOf) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise _Mismatch(key, "float", value)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, (int, float)):
+                return float(value)  # OverflowError for an int beyond float range
+            if isinstance(value, str):
                 return float(value.strip())
-            except ValueError:
-                pass
+        except (ValueError, OverflowError):
+            pass
         raise _Mismatch(key, "float", value)
 
     if tp is str:
@@ -385,6 +385,8 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"invalid TOML in {p}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"invalid TOML in {p}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:  # tomllib: a number beyond int limits, absurd nesting; a NUL in the path
+        raise ConfigError(f"invalid TOML in {p}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

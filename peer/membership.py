@@ -137,11 +137,11 @@ class PeerRecord:
     @classmethod
     def parse(cls, peer_id: str, rec: Any) -> "PeerRecord | None":
         """Validate an untrusted record against the same schema the DHT nodes use; None if off."""
-        if not isinstance(rec, dict):
+        if not isinstance(rec, dict) or not all(isinstance(k, str) for k in rec):
             return None
         try:
             parsed = _PeerSchema.parse_obj(rec)
-        except pd.ValidationError:
+        except (pd.ValidationError, TypeError):
             return None
         d = parsed.dict(by_alias=True)
         if d != rec:  # pydantic converted something (e.g. 3 -> 3.0): not a valid record

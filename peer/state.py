@@ -68,9 +68,11 @@ class SwarmState:
                 f"{source}: saved for model {obj.get('fingerprint')!r}, this model is {fingerprint!r} (different architecture)"
             )
         theta, mom, rnd = obj.get("theta_sync"), obj.get("momentum_buf"), obj.get("round")
-        if not isinstance(theta, torch.Tensor) or theta.dtype != torch.float32 or (numel is not None and theta.numel() != numel):
+        if (not isinstance(theta, torch.Tensor) or theta.layout != torch.strided or theta.dtype != torch.float32
+                or (numel is not None and theta.numel() != numel)):
             raise StateError(f"{source}: parameter vector is malformed (expected {numel} fp32 values)")
-        if mom is not None and (not isinstance(mom, torch.Tensor) or mom.shape != theta.shape or mom.dtype != torch.float32):
+        if mom is not None and (not isinstance(mom, torch.Tensor) or mom.layout != torch.strided
+                                or mom.shape != theta.shape or mom.dtype != torch.float32):
             raise StateError(f"{source}: momentum buffer is malformed")
         if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
             raise StateError(f"{source}: invalid round {rnd!r}")

@@ -113,7 +113,7 @@ def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int | None, timeo
         data = b"".join(store.get(f"state/resp/{k}/{i}") for i in range(n))
         for key in [f"state/req/{k}", f"state/resp/{k}/meta", *(f"state/resp/{k}/{i}" for i in range(n))]:
             store.delete_key(key)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, OverflowError) as e:  # OverflowError: int(inf) in a manifest
         raise StateError(f"download from {name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     if len(data) != size or digest(data) != meta.get("sha256"):
         raise StateError(f"download from {name} is corrupt (size or sha256 mismatch)")

@@ -13,11 +13,10 @@ Targets and their contracts (each test's docstring restates its own):
   (the leader's reply, a follower's slot): a Group or the matchmaking exceptions;
 * files: ``bootstrap.ledger.Ledger(path)``: ``StateError``.
 
-Known bugs found by this file are pinned below as minimal reproducers (``test_bug_*``,
-strict xfail on the exception type they raise today). The fuzz strategies steer clear of
-exactly those triggers (see the ``BUG:`` comments) so that the rest of each input space
-stays covered. When a bug is fixed its reproducer XPASSes, which fails strictly: delete
-its xfail marker and widen the strategy it names.
+Crashes this file found (huge ints, non-str keys, sparse tensors, Infinity in manifests,
+malformed relay replies, deep nesting) were fixed; each is pinned by a minimal regression
+test (``test_regression_*``). The strategies still steer around those exact triggers
+(``fixed:`` comments) so the random budget goes to the rest of each input space.
 
 Runs derandomized (reproducible in CI) and without an example database (nothing is
 written to the repo). ``SWARMTRAIN_FUZZ_SCALE=10`` multiplies every example budget.
@@ -80,7 +79,7 @@ def fuzz(n: int) -> settings:
 # ---------------------------------------------------------------------------- value strategies
 
 INT64 = st.integers(-(2**63), 2**64 - 1)  # what msgpack (the DHT's wire format) can carry
-# BUG (test_bug_huge_int_*): ints beyond float range crash several parsers; stay inside it.
+# fixed: (test_regression_huge_int_*): ints beyond float range crash several parsers; stay inside it.
 BIG_INT = st.integers(-(2**1000), 2**1000)
 ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True)
 TEXT = st.text(max_size=24)
@@ -117,7 +116,7 @@ def json_bytes(values: st.SearchStrategy) -> st.SearchStrategy:
 
 # Built once: constructing a recursive strategy inside every draw costs more than the test.
 JSON = json_values()
-JSON_NO_INF = json_values(floats=st.floats(allow_infinity=False))  # BUG (test_bug_manifest_infinity)
+JSON_NO_INF = json_values(floats=st.floats(allow_infinity=False))  # fixed: (test_regression_manifest_infinity)
 JSON_BYTES = json_bytes(JSON)
 
 
@@ -484,7 +483,7 @@ def _check_peer_record(rec: object) -> PeerRecord | None:
 @given(rec=st.one_of(msgpack_values(str_keys_only=True), st.dictionaries(KEY_TEXT, NEAR_MISS, max_size=6)))
 def test_peer_record_parse_arbitrary(rec):
     """PeerRecord.parse(peer_id, <any msgpack value>): a PeerRecord or None; never raises.
-    BUG (test_bug_peer_record_non_str_keys): top-level map keys are kept to str here."""
+    fixed: (test_regression_peer_record_non_str_keys): top-level map keys are kept to str here."""
     _check_peer_record(rec)
 
 
@@ -530,7 +529,7 @@ def _check_candidate(rec: object) -> Candidate | None:
                                                        NEAR_MISS, max_size=5)))
 def test_candidate_from_record_arbitrary(rec):
     """Candidate.from_record(peer_id, <any msgpack value>): a Candidate or None; never raises.
-    (Ints are msgpack's int64/uint64 here. BUG test_bug_huge_int_candidate: bigger ones, which
+    (Ints are msgpack's int64/uint64 here. fixed: test_regression_huge_int_candidate: bigger ones, which
     a JSON redirect can carry, raise OverflowError.)"""
     _check_candidate(rec)
 
@@ -621,7 +620,7 @@ def codec_inputs(draw: st.DrawFn) -> tuple[codecs.Codec, torch.Tensor, int]:
     if layout == "offset":  # a misaligned byte slice of a larger buffer
         k = draw(st.integers(1, 3))
         raw = torch.cat([torch.zeros(k, dtype=torch.uint8), raw])[k:]
-    elif layout == "strided" and size:  # non-contiguous. BUG (test_bug_codec_empty_strided): not when empty
+    elif layout == "strided" and size:  # non-contiguous. fixed: (test_regression_codec_empty_strided): not when empty
         raw = torch.stack([raw, raw], dim=1).reshape(-1)[::2]
     elif layout == "2d":
         raw = raw.view(1, -1)
@@ -676,7 +675,7 @@ def mutated(draw: st.DrawFn, base: bytes) -> bytes:
     return bytes(data)
 
 
-# Dense tensors only. BUG (test_bug_state_sparse_tensor): a sparse one raises NotImplementedError.
+# Dense tensors only. fixed: (test_regression_state_sparse_tensor): a sparse one raises NotImplementedError.
 TENSORS = st.builds(
     lambda dtype, shape, fill: torch.full(shape, fill).to(dtype),
     st.sampled_from([torch.float32, torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool]),
@@ -756,7 +755,7 @@ def state_responses(draw: st.DrawFn) -> dict[str, bytes]:
     size, n = len(payload), len(chunks)
     meta: object = {"round": 7, "size": size, "chunks": n, "sha256": digest(payload)}
     how = draw(st.sampled_from(["honest", "honest", "field", "random-json", "garbage"]))
-    if how == "field":  # BUG (test_bug_manifest_infinity): no ±inf in the manifest
+    if how == "field":  # fixed: (test_regression_manifest_infinity): no ±inf in the manifest
         meta[draw(MANIFEST_KEYS | KEY_TEXT)] = draw(JSON_NO_INF)  # type: ignore[index]
     elif how == "random-json":
         meta = draw(JSON_NO_INF)
@@ -797,7 +796,7 @@ RELAY_GROUP = dict(round=5, members=("QmLeaderLeader",), prefix="5/nonce/", lead
 _OTHER_RESULT = json_bytes(JSON.filter(lambda v: not (isinstance(v, dict) and {"included", "weights", "members"} & set(v))))
 
 
-# BUG (test_bug_client_round_malformed_meta): "included" must support `in`, "weights" must be
+# fixed: (test_regression_client_round_malformed_meta): "included" must support `in`, "weights" must be
 # numbers and "members" iterable; anything else there crashes client_round.
 _META_FIELDS = {
     "status": st.sampled_from(["complete", "failed"]) | JSON,
@@ -896,7 +895,7 @@ def leader_replies(draw: st.DrawFn) -> bytes | None:
         if draw(st.booleans()):
             reply["clients"] = draw(st.lists(_NAMES, max_size=3) | JSON)  # type: ignore[index]
     elif kind == "redirect":
-        # BUG (test_bug_huge_int_candidate): `t` stays inside float range.
+        # fixed: (test_regression_huge_int_candidate): `t` stays inside float range.
         target = draw(_REDIRECT_TARGETS)
         for k in draw(st.lists(st.sampled_from(sorted(target)), max_size=2, unique=True)):
             del target[k]
@@ -1014,12 +1013,12 @@ def test_ledger_load(tmp_path, doc):
     assert p.read_bytes() == text
 
 
-# ============================================================================ known bugs (reproducers)
-# Each one is the smallest input found for a crash outside the documented contract.
+# ============================================================================ regressions
+# Each one is the smallest input the fuzzer found for a crash outside the documented contract
+# (all fixed; they pin the fixes). The strategies above still avoid these exact triggers.
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="BUG: configlib float coercion overflows")
 @pytest.mark.parametrize("via", ["toml", "overrides"])
-def test_bug_huge_int_config_float_field(tmp_path, via):
+def test_regression_huge_int_config_float_field(tmp_path, via):
     """configlib._coerce: `float(value)` on an int beyond float range raises OverflowError.
     e.g. TOML `[train]\\nlr = 1000…0` (400 digits); same for BootstrapConfig `poll_every`."""
     path, overrides = None, {}
@@ -1032,9 +1031,8 @@ def test_bug_huge_int_config_float_field(tmp_path, via):
         configlib.load(RunConfig, path=path, cli_overrides=overrides)
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, RecursionError), reason="BUG: load_toml lets non-TOMLDecodeError failures out")
 @pytest.mark.parametrize("text", ["x = " + "9" * 5000, "x = " + "[" * 600 + "]" * 600], ids=["5000-digit-int", "deep-array"])
-def test_bug_load_toml_escapes(tmp_path, text):
+def test_regression_load_toml_escapes(tmp_path, text):
     """configlib.load_toml: tomllib raises a plain ValueError for an int over 4300 digits and
     RecursionError for ~500 nested arrays; neither becomes ConfigError."""
     p = tmp_path / "c.toml"
@@ -1046,8 +1044,7 @@ def test_bug_load_toml_escapes(tmp_path, text):
     pytest.fail("no error")  # pragma: no cover
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: load_toml: NUL in path is a plain ValueError")
-def test_bug_load_toml_nul_in_path():
+def test_regression_load_toml_nul_in_path():
     """configlib.load_toml('a\\x00b'): open() raises ValueError('embedded null byte'), not ConfigError."""
     try:
         configlib.load(RunConfig, path="a\x00b", cli_overrides={})
@@ -1055,23 +1052,20 @@ def test_bug_load_toml_nul_in_path():
         return
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="BUG: PeerRecord.parse: non-str map keys")
 @pytest.mark.parametrize("rec", [{b"round": 1}, {1: 1}], ids=["bytes-key", "int-key"])
-def test_bug_peer_record_non_str_keys(rec):
+def test_regression_peer_record_non_str_keys(rec):
     """PeerRecord.parse: pydantic's parse_obj does cls(**rec) -> TypeError 'keywords must be strings'."""
     assert PeerRecord.parse("QmPeer", rec) is None
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="BUG: Candidate.from_record: math.isfinite(huge int)")
-def test_bug_huge_int_candidate():
+def test_regression_huge_int_candidate():
     """Candidate.from_record: math.isfinite(10**400) raises OverflowError. Reachable from a
     leader's JSON redirect in Matchmaker._follow (json ints are unbounded), and it escapes
     form_group / Averager.average, which promise not to raise for network faults."""
     assert Candidate.from_record("QmPeer", {"t": 10**400, "host": "h", "port": 1, "nonce": "n"}) is None
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="BUG: _follow: huge int t in a redirect")
-def test_bug_huge_int_follow_redirect():
+def test_regression_huge_int_follow_redirect():
     """The same through the wire: a leader's reply {"redirect": {"t": 10**400, ...}}."""
     reply = json.dumps({"redirect": {"peer_id": "QmX", "t": 10**400, "host": "h", "port": 1, "nonce": "n"}}).encode()
     with connects_to(matchmaking, FakeStore({f"3/{LEADER.nonce}/members": reply})):
@@ -1079,12 +1073,11 @@ def test_bug_huge_int_follow_redirect():
             _matchmaker()._follow(3, LEADER, ME, time.monotonic() + 1)
 
 
-@pytest.mark.xfail(strict=True, raises=(OverflowError, RecursionError), reason="BUG: Ledger load")
 @pytest.mark.parametrize("text", [
     '{"format": "swarmtrain-ledger-v1", "peers": [{"peer_id": "a", "first_seen": 0, "last_seen": 1' + "0" * 400 + "}]}",
     "[" * 100_000,
 ], ids=["huge-int", "deep-json"])
-def test_bug_ledger_load(tmp_path, text):
+def test_regression_ledger_load(tmp_path, text):
     """Ledger._load: math.isfinite(huge int) raises OverflowError; json.loads of deep nesting
     raises RecursionError; neither is caught into StateError."""
     p = tmp_path / "ledger.json"
@@ -1093,9 +1086,8 @@ def test_bug_ledger_load(tmp_path, text):
         Ledger(p)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason="BUG: SwarmState.from_bytes: sparse tensor")
 @pytest.mark.parametrize("field", ["theta_sync", "momentum_buf"])
-def test_bug_state_sparse_tensor(field):
+def test_regression_state_sparse_tensor(field):
     """SwarmState.from_bytes: a float32 *sparse* tensor passes the dtype/shape checks and
     torch.isfinite() then raises NotImplementedError (no sparse kernel). A donor can send this
     (the sha256 is its own); download_state only catches StateError."""
@@ -1106,9 +1098,8 @@ def test_bug_state_sparse_tensor(field):
         SwarmState.from_bytes(_save(obj), source="fuzz", fingerprint="fp-1", numel=3)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="BUG: fetch_state: int(Infinity) in manifest")
 @pytest.mark.parametrize("meta", [b'{"chunks": Infinity, "size": 1}', b'{"chunks": 1, "size": -Infinity}'])
-def test_bug_manifest_infinity(meta):
+def test_regression_manifest_infinity(meta):
     """transfer.fetch_state: int(meta["chunks"]) on Infinity (valid for Python's json) raises
     OverflowError, which the (RuntimeError, ValueError, KeyError, TypeError) handler misses."""
     with connects_to(transfer, FakeStore({"state/resp/1/meta": meta})):
@@ -1116,14 +1107,13 @@ def test_bug_manifest_infinity(meta):
             transfer.fetch_state(DONOR, fingerprint="fp-1", numel=16, timeout=0.1)
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError), reason="BUG: client_round: malformed result meta")
 @pytest.mark.parametrize("meta", [
     {"status": "complete", "included": 5},
     {"status": "complete", "included": ["QmClient"], "weights": ["x"]},
     {"status": "complete", "included": ["QmClient"], "weights": [None]},
     {"status": "complete", "included": ["QmClient"], "members": 5},
 ], ids=["included-int", "weights-str", "weights-null", "members-int"])
-def test_bug_client_round_malformed_meta(meta):
+def test_regression_client_round_malformed_meta(meta):
     """relay.client_round promises never to raise for network faults, but a leader's result
     meta with a non-container "included", non-numeric "weights" or non-iterable "members"
     raises TypeError/ValueError (only RuntimeError/ValueError/AttributeError are caught, and
@@ -1135,9 +1125,8 @@ def test_bug_client_round_malformed_meta(meta):
     assert isinstance(r, RoundResult)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: Codec.decode of an empty strided tensor")
 @pytest.mark.parametrize("name", ["fp32", "fp16", "bf16", "int8"])
-def test_bug_codec_empty_strided(name):
+def test_regression_codec_empty_strided(name):
     """Codec.decode(data, 0) where `data` is empty with stride != 1 (e.g. `buf[::2][:0]`): an
     empty tensor counts as contiguous, so it is not cloned, and .view(float) raises RuntimeError
     'self.stride(-1) must be 1'. (Not reachable from the network: allreduce slices stride-1 buffers.)"""

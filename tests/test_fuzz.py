@@ -102,7 +102,7 @@ def msgpack_values(*, str_keys_only: bool = False) -> st.SearchStrategy:
 
 def json_values(*, ints: st.SearchStrategy = BIG_INT, floats: st.SearchStrategy = ANY_FLOAT) -> st.SearchStrategy:
     """What json.loads can return (Python's json accepts NaN/Infinity). Shallow: deep nesting has its
-    own tests (test_deep_json_from_peer, test_bug_ledger_load)."""
+    own tests (test_deep_json_from_peer, test_regression_ledger_load)."""
     scal = st.one_of(st.none(), st.booleans(), ints, floats, TEXT)
     return st.recursive(scal, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(KEY_TEXT, kids, max_size=4),
                         max_leaves=10)
@@ -1141,7 +1141,7 @@ _DEEP = b"[" * 100_000
 def test_deep_json_from_peer(where):
     """json.loads of a peer's deeply nested value (100k '[') raises RecursionError, a RuntimeError,
     which every store handler catches: the documented outcome follows. (Not a bug; kept because
-    the fuzz strategies above never nest that deep. Contrast test_bug_ledger_load.)"""
+    the fuzz strategies above never nest that deep. Contrast test_regression_ledger_load.)"""
     if where == "fetch_state":
         with connects_to(transfer, FakeStore({"state/resp/1/meta": _DEEP})):
             with pytest.raises(StateError):

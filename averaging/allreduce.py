@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore
 
+from .access import RunSecret
 from .codecs import Codec, CodecError, ErrorFeedback, get_codec, partition
 from .faults import Tamper
 from .matchmaking import Group
@@ -149,7 +150,7 @@ class Compression:
 def weighted_allreduce(
     group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float,
     codec: str | Compression = "fp32", pipeline_chunk: int = 0, aggregator: AggregatorConfig | None = None,
-    trusted: bool = False, tamper: Tamper | None = None,
+    trusted: bool = False, tamper: Tamper | None = None, secret: RunSecret | None = None,
 ) -> RoundResult:
     """Aggregate `delta` [P] over the group (by default the mean weighted by each member's `weight`).
 
@@ -159,6 +160,8 @@ def weighted_allreduce(
     transfer). Bad contributions (wrong size, NaN/Inf, undecodable) are dropped on the
     part-wise path and listed in `rejected`; on the trusted fp32 SUM path they fail the round.
     `tamper` is the fault-injection seam of the hostile-peer tests (see faults.py).
+    `secret` (a private run): members prove they hold it before any data is exchanged; a
+    member that cannot is excluded (part-wise path) or fails the round (SUM path).
     """
     if not (weight > 0 and math.isfinite(weight)):
         raise ValueError(f"weight must be positive and finite, got {weight}")
@@ -166,7 +169,7 @@ def weighted_allreduce(
     agg = aggregator or AggregatorConfig()
     if not (comp.codec.lossless and trusted and agg.name == "mean" and tamper is None):
         return _partwise_allreduce(group, delta, weight, host=host, timeout_s=timeout_s, comp=comp,
-                                   chunk=pipeline_chunk or PIPELINE_CHUNK, agg=agg, tamper=tamper)
+                                   chunk=pipeline_chunk or PIPELINE_CHUNK, agg=agg, tamper=tamper, secret=secret)
     t0 = time.monotonic()
     n, r = group.size, group.rank
     P = delta.numel()
@@ -185,6 +188,12 @@ def weighted_allreduce(
     pg = None
     try:
         pg = make_gloo_group(group, host=host, timeout_s=timeout_s)
+        if secret is not None:
+            votes = torch.tensor(_check_credentials(pg, group, secret), dtype=torch.float64)
+            pg.allreduce([votes]).wait()
+            unauthorized = [pid for pid, v in zip(group.members, votes.tolist()) if 2 * v <= n]
+            if unauthorized:  # a SUM cannot leave anyone out: fail rather than mix in an outsider
+                return failed(f"members without this run's credential: {', '.join(p[-8:] for p in unauthorized)}")
         pg.allreduce([buf]).wait()
     except RuntimeError as e:  # gloo reports peer death, timeouts and rendezvous failures as RuntimeError
         return failed(f"all-reduce over {n} peers failed: {_first_line(e)}")
@@ -214,7 +223,7 @@ PIPELINE_CHUNK = 1 << 20
 
 def _partwise_allreduce(
     group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float, comp: Compression, chunk: int,
-    agg: AggregatorConfig, tamper: Tamper | None,
+    agg: AggregatorConfig, tamper: Tamper | None, secret: RunSecret | None = None,
 ) -> RoundResult:
     t0 = time.monotonic()
     n, r = group.size, group.rank
@@ -222,7 +231,8 @@ def _partwise_allreduce(
     codec = comp.codec
     comp.ensure(P)
     assert comp.contrib is not None and comp.mean is not None
-    meta = torch.zeros(3 * n, dtype=torch.float64)  # [w | present | declared size]; fp64 keeps sizes exact
+    # [w | present | declared size | credential votes], fp64 keeps sizes exact
+    meta = torch.zeros(4 * n, dtype=torch.float64)
     meta[r], meta[n + r], meta[2 * n + r] = weight, 1.0, P if tamper is None else tamper.declared_numel(P)
     x = delta.detach().reshape(-1).to("cpu", torch.float32) * weight  # private copy [P]
     if tamper is not None:
@@ -240,17 +250,24 @@ def _partwise_allreduce(
     pg = None
     try:
         pg = make_gloo_group(group, host=host, timeout_s=timeout_s)
+        if secret is not None:  # each member vouches for the members whose tag it can verify
+            meta[3 * n :] = torch.tensor(_check_credentials(pg, group, secret), dtype=torch.float64)
         pg.allreduce([meta]).wait()
+        # A member is authorized if a majority vouches for it: an outsider vouching for itself
+        # (and against everyone else) is outvoted, and every member reads the same sums.
+        unauthorized = [group.members[i] for i in range(n) if secret is not None and 2 * meta[3 * n + i] <= n]
         weights = tuple(float(w) for w in meta[:n])
         if not torch.equal(meta[n : 2 * n], torch.ones(n, dtype=torch.float64)):
             return failed(f"incomplete: members present = {meta[n : 2 * n].tolist()}")
         # Every member computes the same valid set from the same metadata, so the collectives
         # below stay consistent: excluded members send and receive nothing in phase 2.
-        sizes = Counter(int(v) for v in meta[2 * n :].tolist())
+        sizes = Counter(int(v) for v in meta[2 * n : 3 * n].tolist())
         size = min(sizes, key=lambda v: (-sizes[v], v))  # the size most members declare
         valid = []
         for i in range(n):
-            if int(meta[2 * n + i]) != size:
+            if group.members[i] in unauthorized:
+                rejected.append((group.members[i], "no valid credential for this private run"))
+            elif int(meta[2 * n + i]) != size:
                 rejected.append((group.members[i], f"wrong size {int(meta[2 * n + i])} (expected {size})"))
             elif not (0 < weights[i] < math.inf):
                 rejected.append((group.members[i], f"invalid weight {weights[i]}"))
@@ -324,6 +341,17 @@ def _partwise_allreduce(
         fb.commit(s0, res)
     return RoundResult(group.round, "complete", group.members, weights, time.monotonic() - t0, sent, None,
                        mean.to(delta.device), rejected=tuple(sorted(set(rejected))))
+
+
+def _check_credentials(pg: dist.ProcessGroupGloo, group: Group, secret: RunSecret) -> list[float]:
+    """All-gather each member's HMAC over (group, rank, peer id); return this member's votes:
+    1.0 for each member whose tag it can verify with its secret, else 0.0 (summed by the caller)."""
+    mine = torch.frombuffer(bytearray(secret.tag("allreduce", group.prefix, str(group.rank), group.members[group.rank])),
+                            dtype=torch.uint8)
+    tags = [torch.empty(32, dtype=torch.uint8) for _ in range(group.size)]
+    pg.allgather([tags], [mine]).wait()
+    return [1.0 if secret.check(bytes(tags[i].tolist()), "allreduce", group.prefix, str(i), pid) else 0.0
+            for i, pid in enumerate(group.members)]
 
 
 def _reduce_part(

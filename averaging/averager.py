@@ -17,6 +17,7 @@ from .allreduce import Compression, RoundResult, weighted_allreduce
 from .codecs import get_codec
 from .dht import SwarmDHT
 from .errors import MatchmakingError
+from .access import RunSecret
 from .faults import Tamper
 from .matchmaking import MatchmakingConfig, Matchmaker
 from .relay import client_round, collect_clients, publish_to_clients
@@ -47,6 +48,8 @@ class AveragerConfig:
     trusted: bool = False
     # Ban a peer for the rest of the run after this many rounds with a rejected contribution.
     ban_after: int = 3
+    # A private run's shared secret (None = open run): see access.py.
+    secret: RunSecret | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.allreduce_timeout > 0:
@@ -69,7 +72,7 @@ class Averager:
         self.banned: set[str] = set()  # shared with the matchmaker: never grouped with again
         self.matchmaker = Matchmaker(
             dht, listen_host=cfg.listen_host, announce_host=cfg.announce_host, cfg=cfg.matchmaking,
-            client_mode=cfg.client_mode, banned=self.banned,
+            client_mode=cfg.client_mode, banned=self.banned, secret=cfg.secret,
         )
 
     def average(
@@ -113,7 +116,7 @@ class Averager:
     def _allreduce(self, group, delta: torch.Tensor, weight: float) -> RoundResult:
         return weighted_allreduce(group, delta, weight, host=self.cfg.announce_host, timeout_s=self.cfg.allreduce_timeout,
                                   codec=self.compression, aggregator=self.cfg.aggregator, trusted=self.cfg.trusted,
-                                  tamper=self.tamper)
+                                  tamper=self.tamper, secret=self.cfg.secret)
 
     def _strike(self, result: RoundResult) -> None:
         """One strike per round against each peer whose contribution this peer rejected;

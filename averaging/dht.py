@@ -27,6 +27,7 @@ from hivemind.utils import get_dht_time
 
 from hivemind.dht.validation import RecordValidatorBase
 
+from .access import RunSecret, SecretValidator
 from .errors import NetworkError
 from .identity import Identity, ensure_identity, ephemeral_identity, load_identity, peer_id_of
 
@@ -81,6 +82,7 @@ class SwarmDHT:
         client_mode: bool = False,
         identity_path: str | None = None,
         record_validators: Sequence[RecordValidatorBase] = (),
+        secret: RunSecret | None = None,
         startup_timeout: float = 30.0,
     ) -> "SwarmDHT":
         """Start a DHT node and join the swarm through `initial_peers`.
@@ -88,6 +90,7 @@ class SwarmDHT:
         `identity_path`: a libp2p RSA key file, created if missing (a fresh temporary key if None).
         `record_validators` are installed next to the signature validator; every node of a
         run must install the same ones, or it would store records the others reject.
+        `secret`: a private run's shared secret; every record then carries its HMAC tag.
 
         Failure: raises NetworkError (one line) if p2pd cannot start or none of the initial
         peers answers, StateError if the identity file is unusable. hivemind's daemon gives
@@ -103,7 +106,8 @@ class SwarmDHT:
             client_mode=client_mode,
             startup_timeout=startup_timeout,
             identity_path=identity.path,
-            record_validators=[identity.validator(), *record_validators],
+            record_validators=[identity.validator(), *record_validators,
+                               *([SecretValidator(secret)] if secret is not None else [])],
             start=True,
         )
         if announce_maddrs:

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from torch.distributed import Store, TCPStore
 
+from .access import RunSecret
 from .dht import SwarmDHT, dht_time
 from .errors import MatchmakingError
 
@@ -134,10 +135,12 @@ class Matchmaker:
 
     def __init__(
         self, dht: SwarmDHT, *, listen_host: str, announce_host: str, cfg: MatchmakingConfig, client_mode: bool = False,
-        banned: set[str] | None = None,
+        banned: set[str] | None = None, secret: RunSecret | None = None,
     ) -> None:
         self.dht = dht
         self.cfg = cfg
+        # Private run: joins and member lists carry HMAC tags that only members can compute.
+        self.secret = secret
         # Peers this node refuses to group with (shared with the averager, which bans them).
         self.banned: set[str] = banned if banned is not None else set()
         self.announce_host = announce_host
@@ -232,7 +235,7 @@ class Matchmaker:
                 if earlier:
                     # Two leaders raced; the earlier one wins. Tell our followers where to go.
                     target_c = min(earlier)
-                    store.set(prefix + "members", json.dumps({"redirect": {"peer_id": target_c.peer_id, **target_c.to_record()}}))
+                    self._reply(store, prefix, {"redirect": {"peer_id": target_c.peer_id, **target_c.to_record()}})
                     raise _Redirect(target_c)
             time.sleep(_POLL_S)
 
@@ -247,20 +250,29 @@ class Matchmaker:
                 log.debug("slot %d of round %d unusable: %s", slot, round_, e)
                 continue
             pid = rec.get("peer_id") if isinstance(rec, dict) else None
+            if isinstance(pid, str) and self.secret is not None and not self.secret.check_hex(rec.get("auth"), "join", prefix, pid):
+                log.warning("round %d: refused peer %s: no valid credential for this private run", round_, pid[-8:])
+                continue
             if isinstance(pid, str) and pid in self.banned:
                 log.info("round %d: refused banned peer %s", round_, pid[-8:])
                 continue
             if isinstance(pid, str) and pid not in members and pid not in clients:
                 (clients if rec.get("client") is True else members).append(pid)
         if len(members) + len(clients) < self.cfg.min_group_size:
-            store.set(prefix + "members", json.dumps({"closed": "too few peers"}))
+            self._reply(store, prefix, {"closed": "too few peers"})
             raise MatchmakingError(
                 f"round {round_}: only {len(members) + len(clients)} peer(s) arrived within {self.cfg.window:.0f}s "
                 f"(need {self.cfg.min_group_size})"
             )
-        store.set(prefix + "members", json.dumps({"members": members, "clients": clients}))
+        self._reply(store, prefix, {"members": members, "clients": clients})
         log.debug("round %d: leading group of %d (+%d clients)", round_, len(members), len(clients))
         return Group(round_, tuple(members), 0, prefix, store, leader=me.peer_id, clients=tuple(clients))
+
+    def _reply(self, store: Store, prefix: str, reply: dict[str, Any]) -> None:
+        """Publish the leader's reply to its followers (tagged in a private run)."""
+        if self.secret is not None:
+            reply = {**reply, "auth": self.secret.tag_hex("reply", prefix, json.dumps(reply, sort_keys=True))}
+        store.set(prefix + "members", json.dumps(reply))
 
     def _follow(self, round_: int, leader: Candidate, me: Candidate, deadline: float) -> Group:
         """Join `leader`'s group; return it, or raise _Redirect / _Unreachable / MatchmakingError."""
@@ -269,7 +281,10 @@ class Matchmaker:
         try:
             store = TCPStore(leader.host, leader.port, is_master=False, timeout=timeout)
             slot = store.add(prefix + "n", 1)
-            store.set(f"{prefix}slot/{slot}", json.dumps({"peer_id": me.peer_id, "client": self.client_mode}))
+            join = {"peer_id": me.peer_id, "client": self.client_mode}
+            if self.secret is not None:
+                join["auth"] = self.secret.tag_hex("join", prefix, me.peer_id)
+            store.set(f"{prefix}slot/{slot}", json.dumps(join))
         except RuntimeError as e:  # torch raises DistStoreError / DistNetworkError, both RuntimeErrors
             raise _Unreachable(f"leader {leader.peer_id[-8:]} at {leader.host}:{leader.port} unreachable: {e}") from e
         # The leader closes at the latest at its own arrival + window; allow for clock skew.
@@ -279,6 +294,9 @@ class Matchmaker:
             reply = json.loads(store.get(prefix + "members"))
         except (RuntimeError, ValueError) as e:
             raise _Unreachable(f"leader {leader.peer_id[-8:]} did not close its group: {e}") from e
+        if self.secret is not None and not (isinstance(reply, dict) and self.secret.check_hex(
+                reply.pop("auth", None), "reply", prefix, json.dumps(reply, sort_keys=True))):
+            raise _Unreachable(f"leader {leader.peer_id[-8:]}'s reply is not authenticated for this private run")
         if isinstance(reply, dict) and isinstance(reply.get("redirect"), dict):
             r = reply["redirect"]
             target = Candidate.from_record(str(r.get("peer_id", "")), r)

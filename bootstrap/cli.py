@@ -7,7 +7,8 @@ import signal
 import sys
 import threading
 
-from averaging.errors import SwarmError
+from averaging.access import generate_secret_file
+from averaging.errors import StateError, SwarmError
 from peer import configlib
 from peer.cli import OneLineParser
 
@@ -23,7 +24,25 @@ def parse(argv: list[str] | None) -> BootstrapConfig:
     return configlib.load(BootstrapConfig, path=ns.config, cli_overrides=configlib.overrides_from_namespace(ns, BootstrapConfig))
 
 
+def keygen(argv: list[str]) -> int:
+    """`swarm-bootstrap keygen --out FILE`: create a private run's shared secret."""
+    p = OneLineParser(prog="swarm-bootstrap keygen", allow_abbrev=False,
+                      description="Create a new shared secret for a private run (give it to every member).")
+    p.add_argument("--out", required=True, help="file to create (mode 0600; never overwritten)")
+    ns = p.parse_args(argv)
+    try:
+        generate_secret_file(ns.out)
+    except (StateError, OSError) as e:
+        print(f"swarm-bootstrap keygen: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote a new run secret to {ns.out}; start every node of the run with --secret-file / --swarm.secret-file {ns.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keygen"]:
+        return keygen(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hivemind").setLevel(logging.WARNING)
     try:

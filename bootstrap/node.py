@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from averaging.dht import SwarmDHT
+from averaging.access import load_secret_file
 from averaging.identity import ensure_identity
 from peer.config import validate_multiaddr
 from peer.configlib import doc
@@ -42,6 +43,7 @@ class BootstrapConfig:
     dashboard_host: str = doc("", "address the dashboard listens on ('' = same as host)")
     ledger: str = doc("ledger.json", "contribution ledger file, kept across restarts, CSV export beside it ('' = memory only)")
     poll_every: float = doc(2.0, "seconds between reads of the peers' records (dashboard, ledger)")
+    secret_file: str = doc("", "private run: file with the run's shared secret ('' = open run; create with `keygen`)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -87,6 +89,7 @@ class BootstrapNode:
             self.cfg.run_id, initial_peers=self.cfg.initial_peers,
             host_maddrs=[f"/ip4/{self.cfg.host}/tcp/{self.cfg.port}"], announce_maddrs=announce,
             identity_path=self.cfg.identity, record_validators=[record_validator(self.cfg.run_id)],
+            secret=load_secret_file(self.cfg.secret_file) if self.cfg.secret_file else None,
         )
         maddrs = self.dht.visible_maddrs()
         self.monitor = RunMonitor(self.dht, self.cfg.run_id, ledger)

@@ -33,6 +33,7 @@ import torch
 from averaging.allreduce import RoundResult
 from averaging.averager import Averager
 from averaging.dht import SwarmDHT, dht_time
+from averaging.access import load_secret_file
 from averaging.errors import ModelMismatchError, StateError
 from averaging.faults import Tamper
 from averaging.flat import describe_schema, flatten_params, parameter_schema, schema_fingerprint, tensor_digest, write_flat_
@@ -112,6 +113,7 @@ class Peer:
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
         sw = self.config.swarm
+        secret = load_secret_file(sw.secret_file) if sw.secret_file else None
         self._dht = SwarmDHT.start(
             sw.run_id,
             initial_peers=sw.initial_peers,
@@ -119,12 +121,14 @@ class Peer:
             client_mode=sw.client_mode,
             identity_path=sw.identity_path or None,
             record_validators=[record_validator(sw.run_id)],
+            secret=secret,
             startup_timeout=sw.startup_timeout,
         )
         self.peer_id = self._dht.peer_id
         self.announce_host = sw.announce_host or _detect_announce_host(sw.host, self._dht.visible_maddrs())
         self._averager = Averager(self._dht, self.config.sync.averager(
-            listen_host=sw.host, announce_host=self.announce_host, client_mode=sw.client_mode), tamper=self._tamper)
+            listen_host=sw.host, announce_host=self.announce_host, client_mode=sw.client_mode, secret=secret),
+            tamper=self._tamper)
         self._check_compatible()
         if self.config.checkpoint.resume:
             self._resume_from_checkpoint()

@@ -20,6 +20,7 @@ from typing import Literal
 
 import multiaddr
 
+from averaging.access import RunSecret
 from averaging.averager import AveragerConfig
 from averaging.matchmaking import MatchmakingConfig
 from averaging.outer import OuterConfig
@@ -57,6 +58,7 @@ class SwarmConfig:
     announce_host: str = doc("", "IP address other peers use to reach this one ('' = detect)")
     client_mode: bool = doc(False, "behind NAT: open no listening socket; average through the group leader (costs the leader bandwidth)")
     identity_path: str = doc("", "file with this peer's private key, for a stable peer id ('' = new id each start)")
+    secret_file: str = doc("", "private run: file with the run's shared secret ('' = open run; see docs/security.md)")
     startup_timeout: float = doc(30.0, "seconds to wait for the DHT to start and reach the initial peers")
     announce_period: float = doc(2.0, "seconds between refreshes of this peer's record in the DHT")
     peer_ttl: float = doc(10.0, "seconds after its last refresh before a silent peer is considered gone")
@@ -125,11 +127,13 @@ class SyncConfig:
     def aggregation(self) -> AggregatorConfig:
         return AggregatorConfig(name=self.aggregator, trim=self.trim, clip_tau=self.clip_tau, clip_iters=self.clip_iters)
 
-    def averager(self, *, listen_host: str, announce_host: str, client_mode: bool = False) -> AveragerConfig:
+    def averager(self, *, listen_host: str, announce_host: str, client_mode: bool = False,
+                 secret: RunSecret | None = None) -> AveragerConfig:
         return AveragerConfig(
             listen_host=listen_host, announce_host=announce_host,
             allreduce_timeout=self.allreduce_timeout, codec=self.compression, matchmaking=self.matchmaking(),
             client_mode=client_mode, aggregator=self.aggregation(), trusted=self.trusted, ban_after=self.ban_after,
+            secret=secret,
         )
 
 

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from averaging.access import load_secret_file
 from averaging.errors import SwarmError
 
 from .config import validate_multiaddr
@@ -146,11 +147,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run-id", default="swarmtrain-demo", help="the run to show")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the first peer records")
+    p.add_argument("--secret-file", default="", help="a private run's shared secret (needed to read its records)")
     ns = p.parse_args(argv)
     try:
         for a in ns.join:
             validate_multiaddr(a)
-    except ValueError as e:
+        secret = load_secret_file(ns.secret_file) if ns.secret_file else None
+    except (ValueError, SwarmError) as e:
         print(f"swarm-peer status: error: {e}", file=sys.stderr)
         return 2
     logging.getLogger("hivemind").setLevel(logging.ERROR)
@@ -158,7 +161,7 @@ def main(argv: list[str]) -> int:
 
     try:
         dht = SwarmDHT.start(ns.run_id, initial_peers=ns.join, client_mode=True,
-                             record_validators=[record_validator(ns.run_id)], startup_timeout=15)
+                             record_validators=[record_validator(ns.run_id)], secret=secret, startup_timeout=15)
     except SwarmError as e:
         print(f"swarm-peer status: error: {e}", file=sys.stderr)
         return 1

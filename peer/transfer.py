@@ -108,7 +108,9 @@ def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int | None, timeo
         store.wait([f"state/resp/{k}/meta"], timedelta(seconds=timeout))
         meta = json.loads(store.get(f"state/resp/{k}/meta"))
         n, size = int(meta["chunks"]), int(meta["size"])
-        if not (0 < n <= 1 + size // CHUNK and size <= (1 << 40)):
+        # Bounded: θ and momentum in fp32 plus a little framing; nothing larger is ever read.
+        limit = (1 << 40) if numel is None else 8 * numel + (1 << 20)
+        if not (0 < n <= 1 + size // CHUNK and size <= limit):
             raise StateError(f"{name} sent an implausible manifest: {meta}")
         data = b"".join(store.get(f"state/resp/{k}/{i}") for i in range(n))
         for key in [f"state/req/{k}", f"state/resp/{k}/meta", *(f"state/resp/{k}/{i}" for i in range(n))]:

@@ -168,3 +168,22 @@ def test_averager_without_credential_is_refused_by_the_leader(secrets):
             a.close()
         for d in dhts:
             d.shutdown()
+
+
+def test_cli_keygen_and_bad_secret_files(tmp_path):
+    from .test_bad_input import error_line, run_cli
+
+    out = tmp_path / "k" / "run.secret"
+    p = run_cli("-m", "bootstrap", "keygen", "--out", str(out), timeout=60)
+    assert p.returncode == 0 and out.exists() and load_secret_file(out)
+    p = run_cli("-m", "bootstrap", "keygen", "--out", str(out), timeout=60)
+    assert p.returncode == 1 and "refusing to overwrite" in error_line(p, "swarm-bootstrap keygen")
+    bad = tmp_path / "bad.secret"
+    bad.write_text("hunter2\n")
+    p = run_cli("-m", "bootstrap", "--identity", str(tmp_path / "id"), "--host", "127.0.0.1", "--port", "0",
+                "--ledger", str(tmp_path / "l.json"), "--secret-file", str(bad), timeout=60)
+    assert p.returncode == 1 and "must hold one or more lines of 64 hex characters" in error_line(p, "swarm-bootstrap")
+    p = run_cli("-m", "peer", "--swarm.host", "127.0.0.1", "--data.max-bytes", "100000",
+                "--swarm.secret-file", str(tmp_path / "missing.secret"), timeout=90)
+    assert p.returncode == 1 and "cannot read run secret" in error_line(p, "swarm-peer")
+    assert bad.read_text() == "hunter2\n"

@@ -153,6 +153,9 @@ def measure_bandwidth(rate: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+TRUSTED = False  # set by main(): which fp32 path the swarm mode measures
+
+
 def run_workers(n: int, size_mb: float, codec: str, repeats: int, modes: list[str], timeout_s: float) -> list[dict]:
     """Run n workers (one per namespace); returns their RESULT dicts. Raises on any failure."""
     logs = []
@@ -162,7 +165,7 @@ def run_workers(n: int, size_mb: float, codec: str, repeats: int, modes: list[st
         cmd = nsexec(i, sys.executable, "-m", "benchmarks.allreduce.worker", "--rank", str(i), "--peers", str(n),
                      "--host", netns.host_addr(i), "--master", netns.host_addr(0), "--port", str(PORT),
                      "--size-mb", str(size_mb), "--codec", codec, "--repeats", str(repeats),
-                     "--modes", ",".join(modes), "--timeout", "300")
+                     "--modes", ",".join(modes), "--timeout", "300", *(["--trusted"] if TRUSTED else []))
         _procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout_s
     procs = list(_procs[-n:])
@@ -269,6 +272,7 @@ def run_config(n: int, rate: str, sizes: list[float], codecs: list[str], repeats
                     rows.append(row)
                     rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "N": n, "S_MB": size_mb, "rate": rate,
                            "codec": codec if mode == "swarm" else "fp32", "B_MBps": round(B, 3),
+                           "path": ("trusted ring SUM" if TRUSTED and codec == "fp32" else "validated part-wise") if mode == "swarm" else mode,
                            "bandwidth_probe": bw, **s, "wall_s": round(wall, 1),
                            "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
                            "per_rank": [{k: v for k, v in r[mode].items()} for r in results], "max_rss_mb": max(r["max_rss_mb"] for r in results),
@@ -287,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", default="100mbit", help="tc tbf rate of every link direction (100mbit, 1gbit)")
     ap.add_argument("--codec", default="fp32", help="fp32, or fp16/bf16/int8 once weighted_allreduce supports them")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--trusted", action="store_true",
+                    help="swarm mode, fp32: the trusted ring-SUM path (default: the validated part-wise path)")
     ap.add_argument("--modes", default="gloo,swarm,split", help="subset of gloo,swarm,split")
     ap.add_argument("--matrix", action="store_true",
                     help="N in {4,8} x S in {40,400} MB x rate in {100mbit,1gbit} x codecs fp32/fp16/int8; "
@@ -295,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matrix-peers", default="4,8", help="with --matrix: peer counts")
     ap.add_argument("--matrix-rates", default="100mbit,1gbit", help="with --matrix: link rates")
     a = ap.parse_args(argv)
+    global TRUSTED
+    TRUSTED = a.trusted
     if os.geteuid() != 0:
         print("must run as root (network namespaces, tc)", file=sys.stderr)
         return 2

@@ -87,6 +87,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="gloo,swarm,split")
     ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--trusted", action="store_true", help="fp32: the trusted ring-SUM path instead of the validated part-wise one")
     a = ap.parse_args()
     torch.set_num_threads(1)
     n, rank = a.peers, a.rank
@@ -109,6 +110,8 @@ def main() -> int:
     if a.codec != "fp32" and not has_codec:
         raise SystemExit(f"codec {a.codec} not available: weighted_allreduce has no codec parameter")
     kw = {"codec": a.codec} if has_codec else {}
+    if a.trusted:
+        kw["trusted"] = True
     members = tuple(str(i) for i in range(n))
 
     if "gloo" in modes:

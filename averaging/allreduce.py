@@ -169,7 +169,7 @@ def weighted_allreduce(
     agg = aggregator or AggregatorConfig()
     if not (comp.codec.lossless and trusted and agg.name == "mean" and tamper is None):
         return _partwise_allreduce(group, delta, weight, host=host, timeout_s=timeout_s, comp=comp,
-                                   chunk=pipeline_chunk or PIPELINE_CHUNK, agg=agg, tamper=tamper, secret=secret)
+                                   chunk=pipeline_chunk or (PIPELINE_CHUNK // 4 if comp.codec.lossless else PIPELINE_CHUNK), agg=agg, tamper=tamper, secret=secret)
     t0 = time.monotonic()
     n, r = group.size, group.rank
     P = delta.numel()
@@ -229,8 +229,10 @@ def _partwise_allreduce(
     n, r = group.size, group.rank
     P = delta.numel()
     codec = comp.codec
-    comp.ensure(P)
-    assert comp.contrib is not None and comp.mean is not None
+    lossless = codec.lossless
+    if not lossless:  # fp32 needs no error-feedback residuals
+        comp.ensure(P)
+        assert comp.contrib is not None and comp.mean is not None
     # [w | present | declared size | credential votes], fp64 keeps sizes exact
     meta = torch.zeros(4 * n, dtype=torch.float64)
     meta[r], meta[n + r], meta[2 * n + r] = weight, 1.0, P if tamper is None else tamper.declared_numel(P)
@@ -289,6 +291,9 @@ def _partwise_allreduce(
                     encoded.append(torch.empty(0, dtype=torch.uint8))
                     continue
                 s0, e0 = parts[owner[i]]
+                if lossless:  # fp32: the bytes themselves, no error feedback to keep
+                    encoded.append(x[s0:e0].view(torch.uint8))
+                    continue
                 data, _, res = comp.contrib.compress(x[s0:e0], s0)
                 encoded.append(data)
                 pending.append((comp.contrib, s0, res))
@@ -307,14 +312,18 @@ def _partwise_allreduce(
             padded = torch.zeros(max_bytes, dtype=torch.uint8)
             if me_in:
                 my_s, my_e = parts[owner[r]]
-                result = _reduce_part(group, received, recv_splits, x[my_s:my_e] + comp.contrib.residual[my_s:my_e],
-                                      weights, valid, codec, agg, rejected)
-                # Our own contribution went in exact, plus any residual left on this range from rounds in
-                # which another member owned it (that residual is now spent).
-                pending.append((comp.contrib, my_s, torch.zeros(my_e - my_s)))
-                mean_data, _, res = comp.mean.compress(result, my_s)
-                pending.append((comp.mean, my_s, res))
-                padded[: mean_data.numel()] = mean_data
+                if lossless:
+                    result = _reduce_part(group, received, recv_splits, x[my_s:my_e], weights, valid, codec, agg, rejected)
+                    padded[: 4 * (my_e - my_s)] = result.view(torch.uint8)
+                else:
+                    result = _reduce_part(group, received, recv_splits, x[my_s:my_e] + comp.contrib.residual[my_s:my_e],
+                                          weights, valid, codec, agg, rejected)
+                    # Our own contribution went in exact, plus any residual left on this range from rounds in
+                    # which another member owned it (that residual is now spent).
+                    pending.append((comp.contrib, my_s, torch.zeros(my_e - my_s)))
+                    mean_data, _, res = comp.mean.compress(result, my_s)
+                    pending.append((comp.mean, my_s, res))
+                    padded[: mean_data.numel()] = mean_data
             gathered = [torch.empty(max_bytes, dtype=torch.uint8) for _ in range(n)]
             sent += (n - 1) * max_bytes
             gathers.append((parts, gathered, pg.allgather([gathered], [padded])))
@@ -322,7 +331,8 @@ def _partwise_allreduce(
         for parts, gathered, work in gathers:
             work.wait()
             for j, (s0, e0) in enumerate(parts):
-                mean[s0:e0] = codec.decode(gathered[valid[j]][: codec.wire_bytes(e0 - s0)], e0 - s0)
+                got = gathered[valid[j]][: codec.wire_bytes(e0 - s0)]
+                mean[s0:e0] = got.view(torch.float32) if lossless else codec.decode(got, e0 - s0)
     except RuntimeError as e:
         return failed(f"{codec.name} all-reduce over {n} peers failed: {_first_line(e)}")
     except CodecError as e:
@@ -378,7 +388,8 @@ def _reduce_part(
             continue
         chunk_bytes, offset = received[offset : offset + nbytes], offset + nbytes
         try:
-            row = codec.decode(chunk_bytes, L)
+            # fp32: a view, no copy (the buffer is fresh, and every part's byte offset is a multiple of 4)
+            row = chunk_bytes.view(torch.float32) if codec.lossless and nbytes == 4 * L else codec.decode(chunk_bytes, L)
         except CodecError as e:
             rejected.append((group.members[i], f"undecodable: {e}"))
             continue

@@ -15,9 +15,9 @@ with an HMAC-SHA256 tag that only holders of the secret can compute:
 Rotation: the secret file may hold several secrets, one per line. A node signs with the
 first and accepts any of them, so a new secret can be rolled out (added second, then
 moved first once every node has it, then the old one removed) without stopping the run.
-What this does not do: encrypt traffic, or stop an outsider who can reach the peers'
-ports from disrupting a round (which then fails; it cannot inject data). See
-docs/security.md.
+What this does not do: encrypt traffic; stop an outsider who can reach the peers' ports
+from disrupting a round (which then fails); or authenticate the NAT relay's store keys
+(client uploads and results, averaging/relay.py). See docs/security.md.
 """
 from __future__ import annotations
 

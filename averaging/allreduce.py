@@ -23,8 +23,9 @@ fails the round. It is used only for fp32 + mean in a *trusted* run (`trusted=Tr
 
 Every other round takes the part-wise path (the same byte count as a ring: 2·(n−1)/n of
 the encoded size), where each contribution is seen, checked and reduced on its own:
-    1. metadata [w_i | present_i | declared size_i] all-reduced in fp64: proves everyone is
-       there, and every member computes the same set of *valid* members (the size most
+    1. metadata rows [w_i, declared size_i, credential votes_i] all-gathered in fp64 (one
+       row per member, so nobody can write another's): proves everyone is there, and
+       every member computes the same set of *valid* members (the size most
        members declare, a positive finite weight); the others are excluded from the round;
     2. reduce-scatter: the vector is split into parts, one per valid member; part j of every
        valid member's encoded w·Δ goes to its owner (gloo all-to-all), which decodes each,
@@ -233,14 +234,15 @@ def _partwise_allreduce(
     if not lossless:  # fp32 needs no error-feedback residuals
         comp.ensure(P)
         assert comp.contrib is not None and comp.mean is not None
-    # [w | present | declared size | credential votes], fp64 keeps sizes exact
-    meta = torch.zeros(4 * n, dtype=torch.float64)
-    meta[r], meta[n + r], meta[2 * n + r] = weight, 1.0, P if tamper is None else tamper.declared_numel(P)
+    # This member's metadata row: [w, declared size, credential votes for each member (n)].
+    # All-gathered, not summed, so no member can write into another member's entries; fp64 keeps sizes exact.
+    meta = torch.zeros(2 + n, dtype=torch.float64)
+    meta[0], meta[1] = weight, P if tamper is None else tamper.declared_numel(P)
     x = delta.detach().reshape(-1).to("cpu", torch.float32) * weight  # private copy [P]
     if tamper is not None:
         x = tamper.apply(x, group.round)
     pending: list = []  # error-feedback residuals, committed only if the round completes
-    sent = ring_bytes(meta.numel() * 8, n)
+    sent = (n - 1) * meta.numel() * 8
     weights: tuple[float, ...] = ()
     rejected: list[tuple[str, str]] = []
 
@@ -253,24 +255,26 @@ def _partwise_allreduce(
     try:
         pg = make_gloo_group(group, host=host, timeout_s=timeout_s)
         if secret is not None:  # each member vouches for the members whose tag it can verify
-            meta[3 * n :] = torch.tensor(_check_credentials(pg, group, secret), dtype=torch.float64)
-        pg.allreduce([meta]).wait()
+            meta[2:] = torch.tensor(_check_credentials(pg, group, secret), dtype=torch.float64)
+        rows = [torch.empty(2 + n, dtype=torch.float64) for _ in range(n)]
+        pg.allgather([rows], [meta]).wait()  # completes only if every member takes part
+        table = torch.stack(rows)  # [n, 2 + n]: row i is what member i declared
+        weights = tuple(float(w) for w in table[:, 0])
+        declared = [float(v) for v in table[:, 1]]
         # A member is authorized if a majority vouches for it: an outsider vouching for itself
-        # (and against everyone else) is outvoted, and every member reads the same sums.
-        unauthorized = [group.members[i] for i in range(n) if secret is not None and 2 * meta[3 * n + i] <= n]
-        weights = tuple(float(w) for w in meta[:n])
-        if not torch.equal(meta[n : 2 * n], torch.ones(n, dtype=torch.float64)):
-            return failed(f"incomplete: members present = {meta[n : 2 * n].tolist()}")
-        # Every member computes the same valid set from the same metadata, so the collectives
+        # (and against everyone else) is outvoted, and every member reads the same table.
+        votes = table[:, 2:].sum(0)
+        unauthorized = [group.members[i] for i in range(n) if secret is not None and 2 * float(votes[i]) <= n]
+        # Every member computes the same valid set from the same table, so the collectives
         # below stay consistent: excluded members send and receive nothing in phase 2.
-        sizes = Counter(int(v) for v in meta[2 * n : 3 * n].tolist())
+        sizes = Counter(int(v) if math.isfinite(v) else -1 for v in declared)
         size = min(sizes, key=lambda v: (-sizes[v], v))  # the size most members declare
         valid = []
         for i in range(n):
             if group.members[i] in unauthorized:
                 rejected.append((group.members[i], "no valid credential for this private run"))
-            elif int(meta[2 * n + i]) != size:
-                rejected.append((group.members[i], f"wrong size {int(meta[2 * n + i])} (expected {size})"))
+            elif not (math.isfinite(declared[i]) and int(declared[i]) == size and size > 0):
+                rejected.append((group.members[i], f"wrong size {declared[i]:.0f} (expected {size})"))
             elif not (0 < weights[i] < math.inf):
                 rejected.append((group.members[i], f"invalid weight {weights[i]}"))
             else:

@@ -3,7 +3,7 @@
 A `Tamper` is handed to `Averager(..., tamper=...)` (or `Peer(..., tamper=...)`) and changes
 this peer's *outgoing* contribution after all of its own checks, exactly where a malicious
 client would: the receivers' validation and robust aggregation are what is being tested.
-It is a seam for the hostile-peer harness (tests/hostile_peer.py), never set by the CLI.
+It is a seam for the hostile-peer harness (tests/hostile.py), never set by the CLI.
 """
 from __future__ import annotations
 

@@ -21,7 +21,10 @@ def swarm_round(procs, names) -> int:
 
 
 def run_swarm(procs, tag: str, chaos: bool) -> dict:
-    boot, addr = procs.bootstrap(f"{tag}-boot")
+    # The bootstrap node archives the swarm's state: a peer restarted after the others have
+    # finished (a restart takes a few seconds, rounds here take ~2 s) can still catch up from it.
+    boot, addr = procs.bootstrap(f"{tag}-boot", "--checkpoint-dir", str(procs.tmp / f"{tag}-archive"),
+                                 "--archive-every", "1")
     procs.by_name = getattr(procs, "by_name", {})
     args = ["--sync.every-steps", str(H), "--train.max-rounds", str(ROUNDS), "--train.seed", "0",
             "--train.max-steps", "2000", "--sync.matchmaking-window", "10", "--sync.allreduce-timeout", "10"]

@@ -51,3 +51,13 @@ def test_nan_and_wrong_shape_are_dropped_and_senders_refused(aggregator):
     assert all(nan_peer.peer_id in o.banned for o in outcomes)
     # The size liar is excluded from its first round, falls behind and re-syncs; it is refused each time.
     assert all(o.strikes.get(shape_peer.peer_id, 0) >= 1 for o in outcomes)
+
+
+def test_trimmed_mean_withstands_sign_flipped_and_noise_updates():
+    honest_only, _ = run_swarm(honest=4, hostiles=[], aggregator="trimmed_mean", run_id="t-base")
+    base = max(o.val_loss for o in honest_only)
+    for mode, factor in (("sign_flip", 1.0), ("noise", 100.0)):
+        outcomes, _ = run_swarm(honest=4, hostiles=[Tamper(mode=mode, factor=factor)], aggregator="trimmed_mean",
+                                run_id=f"t-{mode}")
+        assert all(o.finite for o in outcomes) and _agree(outcomes)
+        assert max(o.val_loss for o in outcomes) <= 1.05 * base, (mode, base, [o.val_loss for o in outcomes])

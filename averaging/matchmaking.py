@@ -175,7 +175,9 @@ class Matchmaker:
         me = Candidate(dht_time(), self.dht.peer_id, self.announce_host, self.port, uuid.uuid4().hex[:16])
         deadline = time.monotonic() + self.cfg.window
         if not self.client_mode:  # clients are never elected, so they do not declare
-            self.dht.put(key, me.peer_id, me.to_record(), ttl=self.cfg.window + 2 * self.cfg.join_timeout)
+            # Signed under our owner subkey: a candidate's peer id is proven by its key, so nobody can
+            # declare (or be elected) under another peer's id.
+            self.dht.put_signed(key, me.to_record(), ttl=self.cfg.window + 2 * self.cfg.join_timeout)
         excluded: set[str] = set()
         hint: Candidate | None = None  # a redirect target we may not see in the DHT yet
         last_error = "no other peer arrived"
@@ -206,7 +208,7 @@ class Matchmaker:
     # ---------------------------------------------------------------- roles
     def _candidates(self, key: str) -> list[Candidate]:
         out = []
-        for pid, rec in self.dht.get_all(key).items():
+        for pid, rec in self.dht.get_signed(key).items():
             c = Candidate.from_record(pid, rec)
             if c is not None:
                 out.append(c)

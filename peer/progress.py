@@ -283,8 +283,8 @@ class ProgressGroup(Progress):
         self.sinks.remove(sink)
         try:
             sink.close()  # e.g. a rich display gives the terminal's log handlers back first
-        except Exception:
-            pass
+        except Exception as close_error:  # already failing: the warning below reports the first error
+            log.debug("closing %s after its failure also failed: %s", sink.name, close_error)
         log.warning("progress output %s failed and is now disabled: %s: %s", sink.name, type(error).__name__, error)
         log.debug("%s failure", sink.name, exc_info=error)
 

@@ -106,6 +106,11 @@ class SwarmDHT:
             client_mode=client_mode,
             startup_timeout=startup_timeout,
             identity_path=identity.path,
+            # hivemind checks that a key file is not in use by starting a second, anonymous p2pd
+            # with default listen addresses. A fresh random key cannot be taken, and a client
+            # (behind NAT) must not listen even for that moment, so the check runs only for a
+            # persistent identity on a listening node.
+            check_if_identity_free=not (client_mode or identity.temporary),
             record_validators=[identity.validator(), *record_validators,
                                *([SecretValidator(secret)] if secret is not None else [])],
             start=True,

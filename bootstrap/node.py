@@ -7,6 +7,7 @@ the swarm's state (Archivist).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -101,8 +102,10 @@ class BootstrapNode:
             self.archivist = Archivist(self.dht, ckpt_dir=self.cfg.checkpoint_dir, keep_last=self.cfg.keep_last,
                                        listen_host=self.cfg.host, announce_host=host)
         if self.cfg.maddrs_file:
-            with open(self.cfg.maddrs_file, "w") as f:
+            tmp = f"{self.cfg.maddrs_file}.tmp"
+            with open(tmp, "w") as f:  # atomic: a reader never sees half a file
                 f.write("\n".join(maddrs) + "\n")
+            os.replace(tmp, self.cfg.maddrs_file)
         return maddrs
 
     def join_command(self, maddrs: list[str]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import signal
 import subprocess
 
-from .conftest import PY, REPO, wait_exit
+from .conftest import PY, REPO, wait_exit, wait_for
 
 
 def peer_id(maddr: str) -> str:
@@ -15,7 +15,8 @@ def test_identity_persists_across_restarts(procs):
     key = procs.tmp / "keys" / "node.key"
     b1, a1 = procs.bootstrap("b1", identity=key)
     assert key.exists()
-    log = procs.log(b1)
+    # The addresses file appears before the banner is printed: wait for the banner.
+    log = wait_for(lambda: "swarm-peer --join" in procs.log(b1) and procs.log(b1), 30, "the join command", b1)
     assert "swarm-peer --join /ip4/127.0.0.1/" in log and peer_id(a1) in log
     b1.send_signal(signal.SIGINT)
     assert wait_exit(procs, b1, 30) == 0

@@ -49,3 +49,43 @@ def test_client_mode_peer_takes_part_in_averaging(procs):
     # It completed rounds itself (through the relay), not only caught up by downloading state.
     log = procs.log(client)
     assert all(f"round {r} complete: 3 peers" in log for r in range(1, ROUNDS + 1)), log[-3000:]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("persistent", [False, True], ids=["ephemeral-key", "identity-file"])
+def test_client_mode_dht_never_listens_even_while_starting(tmp_path, persistent):
+    """Regression: hivemind's "is this identity taken?" check starts a second, anonymous p2pd
+    that listens on a TCP port for about a second. A client-mode node must skip it. Sampled
+    every 10 ms over the whole start, so the brief listener cannot slip between samples."""
+    import os
+    import threading
+
+    from averaging.dht import SwarmDHT
+
+    boot = SwarmDHT.start("cm", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    me = psutil.Process(os.getpid())
+    ours = {p.pid for p in me.children(recursive=True)}  # the bootstrap's processes may listen
+    found: list = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for q in me.children(recursive=True):
+                if q.pid not in ours:
+                    found.extend(listening_sockets(q.pid))
+            done.wait(0.01)
+
+    sampler = threading.Thread(target=sample, name="listen-sampler")
+    sampler.start()
+    try:
+        client = SwarmDHT.start("cm", initial_peers=boot.visible_maddrs(), client_mode=True,
+                                identity_path=str(tmp_path / "id.key") if persistent else None)
+        try:
+            assert client.peer_id and client.peer_id != boot.peer_id
+        finally:
+            client.shutdown()
+    finally:
+        done.set()
+        sampler.join()
+        boot.shutdown()
+    assert found == [], f"a client-mode DHT opened listening sockets: {found}"

@@ -164,7 +164,8 @@ class TrainConfig:
     seed: int = doc(0, "seed of the initial weights; every peer of a run must use the same one")
     device: str = doc("auto", "auto, cpu, cuda, cuda:N or mps")
     threads: int = doc(0, "torch CPU threads (0 = torch's default)")
-    eval_batches: int = doc(8, "validation batches after each round")
+    eval_batches: int = doc(8, "validation batches per evaluation")
+    eval_every_rounds: int = doc(1, "evaluate on the validation split after every N completed rounds (and at the end)")
     summary_file: str = doc("", "write a JSON summary here on exit")
 
     def __post_init__(self) -> None:
@@ -172,9 +173,12 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be >= 0")
-        for name in ("max_rounds", "max_steps", "threads", "eval_batches"):
+        for name in ("max_rounds", "max_steps", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("eval_batches", "eval_every_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)

@@ -53,6 +53,7 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
                                     shard=parse_shard(cfg.data.shard), seed=peer.seed))
         val_start = val_loss()
         val_final, round_losses = val_start, [(peer.round, val_start)]
+        val_by_samples = [(peer.total_samples, val_start)]  # this peer's own samples at each evaluation
         t_train = time.monotonic()
         log.info("peer %s at round %d, validation loss %.4f", peer.peer_id[-8:], peer.round, val_start)
         while not stop.is_set():
@@ -68,20 +69,28 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
                 peer.report_loss(loss.item())  # .item() waits for the device: only every few steps
             result = peer.step(samples=x.shape[0])
             if result is not None and result.ok:
-                val_final = val_loss()
-                round_losses.append((peer.round, val_final))
-                log.info("round %d: %d peers, %.2fs, validation loss %.4f", peer.round, len(result.members),
-                         result.duration_s, val_final)
+                evaluated = peer.round % cfg.train.eval_every_rounds == 0
+                if evaluated:
+                    val_final = val_loss()
+                    round_losses.append((peer.round, val_final))
+                    val_by_samples.append((peer.total_samples, val_final))
+                log.info("round %d: %d peers, %.2fs%s", peer.round, len(result.members), result.duration_s,
+                         f", validation loss {val_final:.4f}" if evaluated else "")
             progress.update(_snapshot(peer, val_final))
             if cfg.train.max_rounds and peer.round >= cfg.train.max_rounds:
                 break
             if cfg.train.max_steps and peer.local_step >= cfg.train.max_steps:
                 break
+        if round_losses[-1][0] != peer.round:  # the last rounds were not evaluated yet
+            val_final = val_loss()
+            round_losses.append((peer.round, val_final))
+            val_by_samples.append((peer.total_samples, val_final))
         progress.update(_snapshot(peer, val_final), force=True)
         summary = {
             "peer_id": peer.peer_id, "rounds": peer.round, "rounds_failed": peer.rounds_failed,
             "steps": peer.local_step, "samples": peer.total_samples, "val_loss_start": val_start,
-            "val_loss_final": val_final, "val_loss_by_round": round_losses, "digest": peer.digest,
+            "val_loss_final": val_final, "val_loss_by_round": round_losses,
+            "val_loss_by_samples": val_by_samples, "digest": peer.digest,
             "bytes_sent": peer.bytes_sent, "wall_s": round(time.monotonic() - t_start, 2),
             "sync_wait_s": round(peer.sync_wait_s, 2),
             "compute_utilization": round(1 - peer.sync_wait_s / max(time.monotonic() - t_train, 1e-9), 4),

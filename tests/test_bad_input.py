@@ -31,6 +31,13 @@ def test_unknown_config_key(tmp_path):
     assert "unknown config key 'sync.every_stepz'" in line and str(cfg) in line and "every_steps" in line
 
 
+@pytest.mark.parametrize("flag, value", [("--train.eval-every-rounds", "0"), ("--train.eval-batches", "0")])
+def test_evaluation_settings_must_be_positive(flag, value):
+    p = run_cli("-m", "peer", flag, value)
+    assert p.returncode == 2
+    assert f"{flag.split('.')[1].replace('-', '_')} must be >= 1, got 0" in error_line(p, "swarm-peer")
+
+
 def test_invalid_value_in_config(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text("[sync]\nouter_momentum = 1.5\n")

@@ -197,23 +197,28 @@ class Dashboard:
                 loop.run_until_complete(self._open())
             except BaseException as e:   # OSError when the port is taken; anything else is reported too
                 self._start_error = e
-                ready.set()
+                # Clean up before start() returns: once it has, the owner may call close(),
+                # whose loop.stop() would cut this cleanup short.
+                self._shutdown(loop)
                 return
             ready.set()
             loop.run_forever()   # until close() calls loop.stop()
+            self._shutdown(loop)
         finally:
-            try:
-                if self._runner is not None:
-                    loop.run_until_complete(self._runner.cleanup())
-                pending = asyncio.all_tasks(loop)
-                for task in pending:
-                    task.cancel()
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            except Exception:
-                log.exception("dashboard: error while shutting down")
-            finally:
-                loop.close()
+            ready.set()
+            loop.close()
+
+    def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            if self._runner is not None:
+                loop.run_until_complete(self._runner.cleanup())
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        except Exception:
+            log.exception("dashboard: error while shutting down")
 
     async def _open(self) -> None:
         app = web.Application()

@@ -65,6 +65,10 @@ def test_client_mode_dht_never_listens_even_while_starting(tmp_path, persistent)
     boot = SwarmDHT.start("cm", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     me = psutil.Process(os.getpid())
     ours = {p.pid for p in me.children(recursive=True)}  # the bootstrap's processes may listen
+    # The DHT child is forked from this test process, so it inherits this process's open
+    # sockets (a listener left by an earlier test in the same session would show up in it).
+    # Those were not opened by the client; only new listeners count.
+    inherited = {c.laddr for c in me.net_connections("inet") if c.status == psutil.CONN_LISTEN}
     found: list = []
     done = threading.Event()
 
@@ -72,7 +76,7 @@ def test_client_mode_dht_never_listens_even_while_starting(tmp_path, persistent)
         while not done.is_set():
             for q in me.children(recursive=True):
                 if q.pid not in ours:
-                    found.extend(listening_sockets(q.pid))
+                    found.extend(c for c in listening_sockets(q.pid) if c.laddr not in inherited)
             done.wait(0.01)
 
     sampler = threading.Thread(target=sample, name="listen-sampler")

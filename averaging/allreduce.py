@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore
 
-from .access import RunSecret
+from .access import Credential
 from .codecs import Codec, CodecError, ErrorFeedback, get_codec, partition
 from .faults import Tamper
 from .matchmaking import Group
@@ -151,7 +151,7 @@ class Compression:
 def weighted_allreduce(
     group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float,
     codec: str | Compression = "fp32", pipeline_chunk: int = 0, aggregator: AggregatorConfig | None = None,
-    trusted: bool = False, tamper: Tamper | None = None, secret: RunSecret | None = None,
+    trusted: bool = False, tamper: Tamper | None = None, secret: Credential | None = None,
 ) -> RoundResult:
     """Aggregate `delta` [P] over the group (by default the mean weighted by each member's `weight`).
 
@@ -224,7 +224,7 @@ PIPELINE_CHUNK = 1 << 20
 
 def _partwise_allreduce(
     group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float, comp: Compression, chunk: int,
-    agg: AggregatorConfig, tamper: Tamper | None, secret: RunSecret | None = None,
+    agg: AggregatorConfig, tamper: Tamper | None, secret: Credential | None = None,
 ) -> RoundResult:
     t0 = time.monotonic()
     n, r = group.size, group.rank
@@ -357,15 +357,24 @@ def _partwise_allreduce(
                        mean.to(delta.device), rejected=tuple(sorted(set(rejected))))
 
 
-def _check_credentials(pg: dist.ProcessGroupGloo, group: Group, secret: RunSecret) -> list[float]:
-    """All-gather each member's HMAC over (group, rank, peer id); return this member's votes:
-    1.0 for each member whose tag it can verify with its secret, else 0.0 (summed by the caller)."""
-    mine = torch.frombuffer(bytearray(secret.tag("allreduce", group.prefix, str(group.rank), group.members[group.rank])),
-                            dtype=torch.uint8)
-    tags = [torch.empty(32, dtype=torch.uint8) for _ in range(group.size)]
-    pg.allgather([tags], [mine]).wait()
-    return [1.0 if secret.check(bytes(tags[i].tolist()), "allreduce", group.prefix, str(i), pid) else 0.0
-            for i, pid in enumerate(group.members)]
+def _check_credentials(pg: dist.ProcessGroupGloo, group: Group, secret: Credential) -> list[float]:
+    """All-gather each member's proof over (group, rank, peer id): an HMAC tag, or a signature
+    with the public key (allowlist). Return this member's votes: 1.0 for each member whose
+    proof it can verify, else 0.0 (summed by the caller)."""
+    proof = secret.sign("allreduce", group.prefix, str(group.rank), group.members[group.rank])
+    mine = torch.zeros(secret.proof_size, dtype=torch.uint8)  # fixed size, zero-padded
+    mine[: len(proof)] = torch.frombuffer(bytearray(proof), dtype=torch.uint8)
+    proofs = [torch.empty(secret.proof_size, dtype=torch.uint8) for _ in range(group.size)]
+    pg.allgather([proofs], [mine]).wait()
+    return [1.0 if secret.verify(_unpad(proofs[i], secret.proof_size == 32), pid, "allreduce", group.prefix, str(i), pid)
+            else 0.0 for i, pid in enumerate(group.members)]
+
+
+def _unpad(buf: torch.Tensor, exact: bool) -> bytes:
+    """The proof in a received buffer. An HMAC tag uses all 32 bytes (zeros included); an
+    allowlist proof is zero-padded text (OpenSSH key + base64), so trailing zeros go."""
+    raw = bytes(buf.tolist())
+    return raw if exact else raw.rstrip(b"\0")
 
 
 def _reduce_part(

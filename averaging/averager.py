@@ -17,7 +17,7 @@ from .allreduce import Compression, RoundResult, weighted_allreduce
 from .codecs import get_codec
 from .dht import SwarmDHT
 from .errors import MatchmakingError
-from .access import RunSecret
+from .access import Credential
 from .faults import Tamper
 from .matchmaking import MatchmakingConfig, Matchmaker
 from .relay import client_round, collect_clients, publish_to_clients
@@ -49,7 +49,7 @@ class AveragerConfig:
     # Ban a peer for the rest of the run after this many rounds with a rejected contribution.
     ban_after: int = 3
     # A private run's shared secret (None = open run): see access.py.
-    secret: RunSecret | None = field(default=None, repr=False)
+    secret: Credential | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.allreduce_timeout > 0:

@@ -27,7 +27,7 @@ from hivemind.utils import get_dht_time
 
 from hivemind.dht.validation import RecordValidatorBase
 
-from .access import RunSecret, SecretValidator
+from .access import Credential
 from .errors import NetworkError
 from .identity import Identity, ensure_identity, ephemeral_identity, load_identity, peer_id_of
 
@@ -82,7 +82,7 @@ class SwarmDHT:
         client_mode: bool = False,
         identity_path: str | None = None,
         record_validators: Sequence[RecordValidatorBase] = (),
-        secret: RunSecret | None = None,
+        secret: Credential | None = None,
         startup_timeout: float = 30.0,
     ) -> "SwarmDHT":
         """Start a DHT node and join the swarm through `initial_peers`.
@@ -112,7 +112,7 @@ class SwarmDHT:
             # persistent identity on a listening node.
             check_if_identity_free=not (client_mode or identity.temporary),
             record_validators=[identity.validator(), *record_validators,
-                               *([SecretValidator(secret)] if secret is not None else [])],
+                               *([secret.record_validator()] if secret is not None else [])],
             start=True,
         )
         if announce_maddrs:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from torch.distributed import Store, TCPStore
 
-from .access import RunSecret
+from .access import Credential
 from .dht import SwarmDHT, dht_time
 from .errors import MatchmakingError
 
@@ -135,7 +135,7 @@ class Matchmaker:
 
     def __init__(
         self, dht: SwarmDHT, *, listen_host: str, announce_host: str, cfg: MatchmakingConfig, client_mode: bool = False,
-        banned: set[str] | None = None, secret: RunSecret | None = None,
+        banned: set[str] | None = None, secret: Credential | None = None,
     ) -> None:
         self.dht = dht
         self.cfg = cfg
@@ -252,7 +252,7 @@ class Matchmaker:
                 log.debug("slot %d of round %d unusable: %s", slot, round_, e)
                 continue
             pid = rec.get("peer_id") if isinstance(rec, dict) else None
-            if isinstance(pid, str) and self.secret is not None and not self.secret.check_hex(rec.get("auth"), "join", prefix, pid):
+            if isinstance(pid, str) and self.secret is not None and not self.secret.verify_hex(rec.get("auth"), pid, "join", prefix, pid):
                 log.warning("round %d: refused peer %s: no valid credential for this private run", round_, pid[-8:])
                 continue
             if isinstance(pid, str) and pid in self.banned:
@@ -273,7 +273,7 @@ class Matchmaker:
     def _reply(self, store: Store, prefix: str, reply: dict[str, Any]) -> None:
         """Publish the leader's reply to its followers (tagged in a private run)."""
         if self.secret is not None:
-            reply = {**reply, "auth": self.secret.tag_hex("reply", prefix, json.dumps(reply, sort_keys=True))}
+            reply = {**reply, "auth": self.secret.sign_hex("reply", prefix, json.dumps(reply, sort_keys=True))}
         store.set(prefix + "members", json.dumps(reply))
 
     def _follow(self, round_: int, leader: Candidate, me: Candidate, deadline: float) -> Group:
@@ -285,7 +285,7 @@ class Matchmaker:
             slot = store.add(prefix + "n", 1)
             join = {"peer_id": me.peer_id, "client": self.client_mode}
             if self.secret is not None:
-                join["auth"] = self.secret.tag_hex("join", prefix, me.peer_id)
+                join["auth"] = self.secret.sign_hex("join", prefix, me.peer_id)
             store.set(f"{prefix}slot/{slot}", json.dumps(join))
         except RuntimeError as e:  # torch raises DistStoreError / DistNetworkError, both RuntimeErrors
             raise _Unreachable(f"leader {leader.peer_id[-8:]} at {leader.host}:{leader.port} unreachable: {e}") from e
@@ -296,8 +296,8 @@ class Matchmaker:
             reply = json.loads(store.get(prefix + "members"))
         except (RuntimeError, ValueError) as e:
             raise _Unreachable(f"leader {leader.peer_id[-8:]} did not close its group: {e}") from e
-        if self.secret is not None and not (isinstance(reply, dict) and self.secret.check_hex(
-                reply.pop("auth", None), "reply", prefix, json.dumps(reply, sort_keys=True))):
+        if self.secret is not None and not (isinstance(reply, dict) and self.secret.verify_hex(
+                reply.pop("auth", None), leader.peer_id, "reply", prefix, json.dumps(reply, sort_keys=True))):
             raise _Unreachable(f"leader {leader.peer_id[-8:]}'s reply is not authenticated for this private run")
         if isinstance(reply, dict) and isinstance(reply.get("redirect"), dict):
             r = reply["redirect"]

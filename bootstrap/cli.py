@@ -9,6 +9,7 @@ import threading
 
 from averaging.access import generate_secret_file
 from averaging.errors import StateError, SwarmError
+from averaging.identity import ensure_identity
 from peer import configlib
 from peer.cli import OneLineParser
 
@@ -25,16 +26,29 @@ def parse(argv: list[str] | None) -> BootstrapConfig:
 
 
 def keygen(argv: list[str]) -> int:
-    """`swarm-bootstrap keygen --out FILE`: create a private run's shared secret."""
+    """`swarm-bootstrap keygen --out FILE | --identity FILE`: a private run's credentials.
+
+    --out: a new shared secret. --identity: a node's key (created if missing, never
+    overwritten); prints its peer id, the line an allowlisted run's operator adds."""
     p = OneLineParser(prog="swarm-bootstrap keygen", allow_abbrev=False,
-                      description="Create a new shared secret for a private run (give it to every member).")
-    p.add_argument("--out", required=True, help="file to create (mode 0600; never overwritten)")
+                      description="Create a private run's shared secret, or a node key whose peer id goes on a run's allowlist.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", help="shared secret file to create (mode 0600; never overwritten)")
+    what.add_argument("--identity", help="identity key file (created if missing); prints its peer id")
     ns = p.parse_args(argv)
     try:
-        generate_secret_file(ns.out)
+        if ns.identity:
+            peer_id, created = ensure_identity(ns.identity)
+        else:
+            generate_secret_file(ns.out)
     except (StateError, OSError) as e:
         print(f"swarm-bootstrap keygen: error: {e}", file=sys.stderr)
         return 1
+    if ns.identity:
+        print(peer_id, flush=True)  # alone on stdout, so `>> allowlist.txt` works
+        print(f"{'created' if created else 'read'} {ns.identity}; add the peer id above to the run's allowlist and start "
+              f"with --swarm.identity-path {ns.identity}", file=sys.stderr)
+        return 0
     print(f"wrote a new run secret to {ns.out}; start every node of the run with --secret-file / --swarm.secret-file {ns.out}")
     return 0
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from averaging.dht import SwarmDHT
-from averaging.access import load_secret_file
+from averaging.access import load_credential
 from averaging.identity import ensure_identity
 from peer.config import validate_multiaddr
 from peer.configlib import doc
@@ -45,8 +45,12 @@ class BootstrapConfig:
     ledger: str = doc("ledger.json", "contribution ledger file, kept across restarts, CSV export beside it ('' = memory only)")
     poll_every: float = doc(2.0, "seconds between reads of the peers' records (dashboard, ledger)")
     secret_file: str = doc("", "private run: file with the run's shared secret ('' = open run; create with `keygen`)")
+    allowlist_file: str = doc("", "private run: file of the peer ids allowed to take part, one per line ('' = none); "
+                                  "the node itself need not be listed: it only checks and stores others' records")
 
     def __post_init__(self) -> None:
+        if self.secret_file and self.allowlist_file:
+            raise ValueError("a private run uses secret_file or allowlist_file, not both")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.monitor_every < 0:
@@ -90,7 +94,7 @@ class BootstrapNode:
             self.cfg.run_id, initial_peers=self.cfg.initial_peers,
             host_maddrs=[f"/ip4/{self.cfg.host}/tcp/{self.cfg.port}"], announce_maddrs=announce,
             identity_path=self.cfg.identity, record_validators=[record_validator(self.cfg.run_id)],
-            secret=load_secret_file(self.cfg.secret_file) if self.cfg.secret_file else None,
+            secret=load_credential(secret_file=self.cfg.secret_file, allowlist_file=self.cfg.allowlist_file),
         )
         maddrs = self.dht.visible_maddrs()
         self.monitor = RunMonitor(self.dht, self.cfg.run_id, ledger)

@@ -33,8 +33,9 @@ import torch
 from averaging.allreduce import RoundResult
 from averaging.averager import Averager
 from averaging.dht import SwarmDHT, dht_time
-from averaging.access import load_secret_file
+from averaging.access import Allowlist, load_credential
 from averaging.errors import ModelMismatchError, StateError
+from averaging.identity import ensure_identity, load_identity
 from averaging.faults import Tamper
 from averaging.flat import describe_schema, flatten_params, parameter_schema, schema_fingerprint, tensor_digest, write_flat_
 from averaging.outer import OuterOptimizer
@@ -113,7 +114,14 @@ class Peer:
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
         sw = self.config.swarm
-        secret = load_secret_file(sw.secret_file) if sw.secret_file else None
+        identity = None
+        if sw.allowlist_file:  # an allowlisted run signs with the persistent key the list names
+            ensure_identity(sw.identity_path)
+            identity = load_identity(sw.identity_path)
+        secret = load_credential(secret_file=sw.secret_file, allowlist_file=sw.allowlist_file, identity=identity)
+        if isinstance(secret, Allowlist) and identity is not None and not secret.allows(identity.peer_id):
+            raise StateError(f"this peer ({identity.peer_id}) is not on the run's allowlist {sw.allowlist_file}; "
+                             "send this id to the run's operator")
         self._dht = SwarmDHT.start(
             sw.run_id,
             initial_peers=sw.initial_peers,

@@ -20,7 +20,7 @@ from typing import Literal
 
 import multiaddr
 
-from averaging.access import RunSecret
+from averaging.access import Credential
 from averaging.averager import AveragerConfig
 from averaging.matchmaking import MatchmakingConfig
 from averaging.outer import OuterConfig
@@ -59,6 +59,8 @@ class SwarmConfig:
     client_mode: bool = doc(False, "behind NAT: open no listening socket; average through the group leader (costs the leader bandwidth)")
     identity_path: str = doc("", "file with this peer's private key, for a stable peer id ('' = new id each start)")
     secret_file: str = doc("", "private run: file with the run's shared secret ('' = open run; see docs/security.md)")
+    allowlist_file: str = doc("", "private run: file of the peer ids allowed to take part, one per line; needs identity_path "
+                                  "('' = no allowlist; see docs/security.md)")
     startup_timeout: float = doc(30.0, "seconds to wait for the DHT to start and reach the initial peers")
     announce_period: float = doc(2.0, "seconds between refreshes of this peer's record in the DHT")
     peer_ttl: float = doc(10.0, "seconds after its last refresh before a silent peer is considered gone")
@@ -74,6 +76,11 @@ class SwarmConfig:
             raise ValueError("startup_timeout and announce_period must be > 0")
         if self.peer_ttl < 2 * self.announce_period:
             raise ValueError(f"peer_ttl ({self.peer_ttl}) must be at least 2 x announce_period ({self.announce_period})")
+        if self.secret_file and self.allowlist_file:
+            raise ValueError("a private run uses secret_file or allowlist_file, not both")
+        if self.allowlist_file and not self.identity_path:
+            raise ValueError("allowlist_file needs identity_path: the run admits peers by the id of a persistent key "
+                             "(create one and print its id with: swarm-bootstrap keygen --identity FILE)")
 
 
 @dataclass(kw_only=True)
@@ -128,7 +135,7 @@ class SyncConfig:
         return AggregatorConfig(name=self.aggregator, trim=self.trim, clip_tau=self.clip_tau, clip_iters=self.clip_iters)
 
     def averager(self, *, listen_host: str, announce_host: str, client_mode: bool = False,
-                 secret: RunSecret | None = None) -> AveragerConfig:
+                 secret: Credential | None = None) -> AveragerConfig:
         return AveragerConfig(
             listen_host=listen_host, announce_host=announce_host,
             allreduce_timeout=self.allreduce_timeout, codec=self.compression, matchmaking=self.matchmaking(),

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from averaging.access import load_secret_file
+from averaging.access import load_credential
 from averaging.errors import SwarmError
 
 from .config import validate_multiaddr
@@ -148,11 +148,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the first peer records")
     p.add_argument("--secret-file", default="", help="a private run's shared secret (needed to read its records)")
+    p.add_argument("--allowlist-file", default="", help="a private run's allowlist (needed to read its records)")
     ns = p.parse_args(argv)
     try:
         for a in ns.join:
             validate_multiaddr(a)
-        secret = load_secret_file(ns.secret_file) if ns.secret_file else None
+        secret = load_credential(secret_file=ns.secret_file, allowlist_file=ns.allowlist_file)
     except (ValueError, SwarmError) as e:
         print(f"swarm-peer status: error: {e}", file=sys.stderr)
         return 2

@@ -273,7 +273,10 @@ def _parse_check(cmd: str, doc: Path, tmp: Path, monkeypatch) -> str | None:
                 return None if e.code == 0 else f"exit {e.code}"
             return None
         if head == "swarm-bootstrap" and rest[:1] == ["keygen"]:
-            out = ["--out", str(tmp / f"k{time.monotonic_ns()}.secret")] if "--out" in rest else []
+            if "--identity" in rest:
+                out = ["--identity", str(tmp / f"k{time.monotonic_ns()}.key")]
+            else:
+                out = ["--out", str(tmp / f"k{time.monotonic_ns()}.secret")] if "--out" in rest else []
             return None if bcli.keygen(out) == 0 else "keygen failed"
         if head == "swarm-bootstrap":
             bcli.parse(rest)

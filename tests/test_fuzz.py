@@ -596,6 +596,64 @@ def test_peer_id_of(subkey):
     assert pid is None or (isinstance(pid, str) and pid)
 
 
+_ALLOWLIST: list = []
+
+
+def _allowlist():
+    """An allowlist naming one real key, with that key to sign (built once per session)."""
+    if not _ALLOWLIST:
+        import tempfile
+
+        from averaging.access import load_allowlist
+        d = tempfile.mkdtemp(prefix="swarmtrain-fuzz-")
+        pid, _ = identity.ensure_identity(os.path.join(d, "k"))
+        with open(os.path.join(d, "allow.txt"), "w") as f:
+            f.write(pid + "\n")
+        _ALLOWLIST.append((load_allowlist(os.path.join(d, "allow.txt"), identity.load_identity(os.path.join(d, "k"))), pid))
+    return _ALLOWLIST[0]
+
+
+@st.composite
+def mutated_proofs(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """(a real allowlist proof, the same with 1-3 bytes changed)."""
+    allow, pid = _allowlist()
+    original = allow.sign("join", "p/", pid)
+    proof = bytearray(original)
+    for _ in range(draw(st.integers(1, 3))):
+        pos = draw(st.integers(0, len(proof) - 1))
+        proof[pos] ^= draw(st.integers(1, 255))
+    return original, bytes(proof)
+
+
+def _meaning(proof: bytes) -> tuple[bytes, bytes] | None:
+    """(public key, decoded signature): base64 ignores some bit flips, which change nothing."""
+    public, _, sig = proof.rstrip(b"\0").partition(b"\n")
+    try:
+        return public, base64.b64decode(sig)
+    except ValueError:
+        return None
+
+
+@fuzz(200)
+@given(pair=st.one_of(st.binary(max_size=1100).map(lambda b: (None, b)), mutated_proofs(),
+                      st.binary(max_size=96).map(lambda b: (None, owner_subkey()[7:-1] + b"\n" + b))),
+       as_hex=st.booleans())
+def test_allowlist_proof(pair, as_hex):
+    """Allowlist.verify / verify_hex on a peer's proof: a bool, never an exception, and True
+    only for a proof that still says exactly what the real signature says."""
+    allow, pid = _allowlist()
+    original, proof = pair
+    ok = allow.verify_hex(proof.hex(), pid, "join", "p/", pid) if as_hex else allow.verify(proof, pid, "join", "p/", pid)
+    event("accepted" if ok else "rejected")
+    assert isinstance(ok, bool)
+    assert not ok or (original is not None and _meaning(proof) == _meaning(original))
+
+
+def test_allowlist_proof_unmutated_is_accepted():
+    allow, pid = _allowlist()
+    assert allow.verify(allow.sign("join", "p/", pid), pid, "join", "p/", pid)
+
+
 def test_peer_id_of_real_key_is_stable():
     """The unmutated subkey gives a peer id (so the mutations above start from a valid input)."""
     pid = identity.peer_id_of(owner_subkey())

@@ -6,7 +6,8 @@ Open runs (no credential) accept anyone. A private run has a `Credential`, one o
     Allowlist   a file of the peer ids (= hashes of RSA public keys) that may take part;
                 proofs are RSA signatures made with the peer's own identity key.
 
-Either one protects three boundaries, with a proof only a member can make:
+Either one protects three boundaries, with a proof only a member can make (described here
+for the secret; the allowlist's proofs follow below):
 
     DHT records   every value stored by a node carries a tag over (key, subkey, value,
                   expiration); every node rejects untagged or mis-tagged records, so an
@@ -36,13 +37,13 @@ import hmac
 import logging
 import os
 import re
+import secrets as _secrets
 import threading
 import time
-import secrets as _secrets
 from dataclasses import dataclass, field
-from typing import Protocol
 from hashlib import sha256
 from pathlib import Path
+from typing import Protocol
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase

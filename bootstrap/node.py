@@ -12,8 +12,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from averaging.access import Allowlist, load_credential
 from averaging.dht import SwarmDHT
-from averaging.access import load_credential
+from averaging.errors import StateError
 from averaging.identity import ensure_identity
 from peer.config import validate_multiaddr
 from peer.configlib import doc
@@ -90,11 +91,15 @@ class BootstrapNode:
         peer_id, created = ensure_identity(self.cfg.identity)
         log.info("%s identity %s (%s)", "created" if created else "loaded", peer_id, self.cfg.identity)
         announce = [f"/ip4/{self.cfg.announce_host}/tcp/{self.cfg.port}"] if self.cfg.announce_host else []
+        credential = load_credential(secret_file=self.cfg.secret_file, allowlist_file=self.cfg.allowlist_file)
+        if isinstance(credential, Allowlist) and self.cfg.checkpoint_dir and not credential.allows(peer_id):
+            # an archivist announces itself (a record under its key); an unlisted one would be refused by every node
+            raise StateError(f"this archivist ({peer_id}) is not on the run's allowlist {self.cfg.allowlist_file}; "
+                             "add its id there, or run without --checkpoint-dir")
         self.dht = SwarmDHT.start(
             self.cfg.run_id, initial_peers=self.cfg.initial_peers,
             host_maddrs=[f"/ip4/{self.cfg.host}/tcp/{self.cfg.port}"], announce_maddrs=announce,
-            identity_path=self.cfg.identity, record_validators=[record_validator(self.cfg.run_id)],
-            secret=load_credential(secret_file=self.cfg.secret_file, allowlist_file=self.cfg.allowlist_file),
+            identity_path=self.cfg.identity, record_validators=[record_validator(self.cfg.run_id)], secret=credential,
         )
         maddrs = self.dht.visible_maddrs()
         self.monitor = RunMonitor(self.dht, self.cfg.run_id, ledger)

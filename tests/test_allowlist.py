@@ -237,6 +237,10 @@ def test_cli_keygen_identity_and_bad_allowlists(tmp_path, keys):
     p = run_cli("-m", "bootstrap", "--identity", str(tmp_path / "id"), "--host", "127.0.0.1", "--port", "0",
                 "--ledger", str(tmp_path / "l.json"), "--allowlist-file", str(bad), timeout=60)
     assert p.returncode == 1 and "line 1: 'alice' is not a peer id" in error_line(p, "swarm-bootstrap")
+    p = run_cli("-m", "bootstrap", "--identity", str(key), "--host", "127.0.0.1", "--port", "0", "--ledger",
+                str(tmp_path / "l.json"), "--allowlist-file", str(allow), "--checkpoint-dir", str(tmp_path / "arch"), timeout=60)
+    assert p.returncode == 1 and f"this archivist ({load_identity(key).peer_id}) is not on the run's allowlist" \
+        in error_line(p, "swarm-bootstrap")
     p = run_cli("-m", "peer", "--swarm.host", "127.0.0.1", "--data.max-bytes", "100000",
                 "--swarm.allowlist-file", str(allow), timeout=90)
     assert p.returncode == 2 and "allowlist_file needs identity_path" in error_line(p, "swarm-peer")

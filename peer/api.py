@@ -169,6 +169,9 @@ class Peer:
         for part in (self._announcer, self._server, self._averager):
             if part is not None:
                 part.close()
+        # Drop the parts: the matchmaker's TCPStore listens until its last reference is gone,
+        # and a Peer that lives on (history, summary) must not keep the port open.
+        self._announcer = self._server = None
         if self._dht is not None:
             self._dht.shutdown()
         if save and self._ckpt is not None and self.round > 0:

@@ -51,9 +51,13 @@ class StateServer:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop serving. The store is released once the thread has stopped: torch's TCPStore has
+        no close(), and its listening socket goes only with the last reference to it."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._store = None  # type: ignore[assignment]
 
     def _run(self) -> None:
         k = 1

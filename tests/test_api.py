@@ -88,3 +88,50 @@ def test_overlap_mode_trains_and_agrees():
     if a["round"] == b["round"]:  # θ_sync after the same round is bit-identical
         assert a["digest"] == b["digest"] and torch.equal(a["theta"], b["theta"])
     assert a["loss"] < 0.5 * a["loss0"] and b["loss"] < 0.5 * b["loss0"]
+
+
+def _own_listeners() -> set[str]:
+    """Local addresses of the TCP sockets this process is listening on (from /proc)."""
+    import os
+    import re
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            m = re.match(r"socket:\[(\d+)\]", os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed while listing
+            continue
+        if m:
+            inodes.add(m.group(1))
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # state LISTEN, owned by us
+                    out.add(cols[1])
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_closed_peer_releases_its_listening_port():
+    """An in-process Peer's store (matchmaking + state serving) stops listening at close(),
+    not whenever the garbage collector runs: a program that creates Peers in a loop must not
+    pile up open ports."""
+    import gc
+    gc.collect()
+    before = _own_listeners()
+    model = nn.Linear(4, 1)
+    cfg = PeerConfig(swarm=SwarmConfig(run_id="release", host="127.0.0.1"),
+                     sync=SyncConfig(every_steps=5, matchmaking_window=1))
+    gc.disable()  # prove it does not depend on a collection
+    try:
+        peer = Peer(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg)
+        for _ in range(6):  # one (lone, failed) sync attempt uses the store
+            x = torch.randn(8, 4)
+            peer.step(nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)), samples=8)
+        assert _own_listeners() - before, "the peer should be listening while it runs"
+        peer.close()
+        assert not _own_listeners() - before, "close() left a listening socket behind"
+        assert peer.local_step == 6  # the closed Peer object is still usable for reading
+    finally:
+        gc.enable()

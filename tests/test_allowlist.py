@@ -22,6 +22,7 @@ from peer import Peer, PeerConfig, SwarmConfig, SyncConfig
 from peer.membership import PEERS_KEY, PeerRecord, live_peers, record_validator
 
 from .test_codecs import _run_group
+from .test_private_run import average_together
 
 RUN = "allowlist-test"
 pytestmark = pytest.mark.timeout(240)
@@ -152,16 +153,7 @@ def test_leader_refuses_an_unlisted_joiner(keys):
             cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", allreduce_timeout=20,
                                  matchmaking=MatchmakingConfig(window=6, join_timeout=3), secret=cred)
             avgs.append(Averager(d, cfg))
-        results: dict[int, object] = {}
-
-        def go(i: int) -> None:
-            results[i] = avgs[i].average(0, "fp", torch.full((100,), float(i)), 1.0, lambda: 3)
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        results = average_together(avgs)
         ok = [r for r in results.values() if r.ok]
         assert len(ok) == 2 and all(set(r.members) == {ids[0], ids[1]} for r in ok), \
             [(r.status, r.error) for r in results.values()]

@@ -149,16 +149,7 @@ def test_averager_without_credential_is_refused_by_the_leader(secrets):
                                  matchmaking=MatchmakingConfig(window=6, join_timeout=3),
                                  secret=secret if i < 2 else None)
             avgs.append(Averager(d, cfg))
-        results: dict[int, object] = {}
-
-        def go(i: int) -> None:
-            results[i] = avgs[i].average(0, "fp", torch.full((100,), float(i)), 1.0, lambda: 3)
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        results = average_together(avgs)
         members = {dhts[0].peer_id, dhts[1].peer_id}
         ok = [r for r in results.values() if r.ok]
         assert len(ok) == 2 and all(set(r.members) == members for r in ok), [(r.status, r.error) for r in results.values()]
@@ -168,6 +159,21 @@ def test_averager_without_credential_is_refused_by_the_leader(secrets):
             a.close()
         for d in dhts:
             d.shutdown()
+
+
+def average_together(avgs: list[Averager]) -> dict[int, object]:
+    """Averager i averages a vector of i's at round 0, all at once; returns i -> RoundResult."""
+    results: dict[int, object] = {}
+
+    def go(i: int) -> None:
+        results[i] = avgs[i].average(0, "fp", torch.full((100,), float(i)), 1.0, lambda: len(avgs))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(avgs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
 
 
 def test_cli_keygen_and_bad_secret_files(tmp_path):

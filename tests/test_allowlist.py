@@ -13,16 +13,15 @@ from torch import nn
 
 from averaging.access import Allowlist, load_allowlist, load_credential
 from averaging.allreduce import weighted_allreduce
-from averaging.averager import Averager, AveragerConfig
 from averaging.dht import SwarmDHT
 from averaging.errors import StateError
 from averaging.identity import ensure_identity, load_identity
-from averaging.matchmaking import Group, MatchmakingConfig
+from averaging.matchmaking import Group
 from peer import Peer, PeerConfig, SwarmConfig, SyncConfig
 from peer.membership import PEERS_KEY, PeerRecord, live_peers, record_validator
 
 from .test_codecs import _run_group
-from .test_private_run import average_together
+from .test_private_run import average_together, averagers
 
 RUN = "allowlist-test"
 pytestmark = pytest.mark.timeout(240)
@@ -143,27 +142,14 @@ def test_leader_refuses_an_unlisted_joiner(keys):
     """The outsider reads the DHT and joins the leader's group directly (its own declaration
     is rejected by the DHT); the leader refuses the join and the members' round completes."""
     paths, ids, allow = keys
-    dhts, avgs = [], []
-    try:
-        for i, path in enumerate((paths[0], paths[1], paths[3])):
-            cred = load_allowlist(allow, load_identity(path))
-            d = SwarmDHT.start(RUN, initial_peers=dhts[0].visible_maddrs() if dhts else (),
-                               host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=str(path), secret=cred)
-            dhts.append(d)
-            cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", allreduce_timeout=20,
-                                 matchmaking=MatchmakingConfig(window=6, join_timeout=3), secret=cred)
-            avgs.append(Averager(d, cfg))
+    creds = [load_allowlist(allow, load_identity(p)) for p in (paths[0], paths[1], paths[3])]
+    with averagers([(str(p), c, c) for p, c in zip((paths[0], paths[1], paths[3]), creds)]) as (_, avgs):
         results = average_together(avgs)
         ok = [r for r in results.values() if r.ok]
         assert len(ok) == 2 and all(set(r.members) == {ids[0], ids[1]} for r in ok), \
             [(r.status, r.error) for r in results.values()]
         assert all(torch.equal(r.mean_delta, torch.full((100,), 0.5)) for r in ok)  # (0 + 1) / 2
         assert not results[2].ok
-    finally:
-        for a in avgs:
-            a.close()
-        for d in dhts:
-            d.shutdown()
 
 
 def test_allowlisted_swarm_trains_and_an_unlisted_peer_is_told_its_id(keys):

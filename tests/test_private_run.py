@@ -3,6 +3,8 @@ part in no all-reduce; the honest members are unaffected. Real DHTs, stores and 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -139,21 +141,28 @@ def test_averager_without_credential_is_refused_by_the_leader(secrets):
     matchmaking credential: the leader refuses its join, the members' round completes without it."""
     good, _ = secrets
     secret = load_secret_file(good)
-    dhts, avgs = [], []
-    try:
-        for i in range(3):
-            d = SwarmDHT.start(RUN, initial_peers=dhts[0].visible_maddrs() if dhts else (),
-                               host_maddrs=["/ip4/127.0.0.1/tcp/0"], secret=secret)
-            dhts.append(d)
-            cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", allreduce_timeout=20,
-                                 matchmaking=MatchmakingConfig(window=6, join_timeout=3),
-                                 secret=secret if i < 2 else None)
-            avgs.append(Averager(d, cfg))
+    with averagers([(None, secret, secret), (None, secret, secret), (None, secret, None)]) as (dhts, avgs):
         results = average_together(avgs)
         members = {dhts[0].peer_id, dhts[1].peer_id}
         ok = [r for r in results.values() if r.ok]
         assert len(ok) == 2 and all(set(r.members) == members for r in ok), [(r.status, r.error) for r in results.values()]
         assert not results[2].ok
+
+
+@contextmanager
+def averagers(nodes: list[tuple[str | None, object, object]]) -> Iterator[tuple[list[SwarmDHT], list[Averager]]]:
+    """One DHT node and Averager per (identity path, DHT credential, matchmaking credential),
+    all on 127.0.0.1 and joined through the first; every one is closed on exit."""
+    dhts, avgs = [], []
+    try:
+        for identity_path, dht_cred, mm_cred in nodes:
+            d = SwarmDHT.start(RUN, initial_peers=dhts[0].visible_maddrs() if dhts else (),
+                               host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=identity_path, secret=dht_cred)
+            dhts.append(d)
+            cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", allreduce_timeout=20,
+                                 matchmaking=MatchmakingConfig(window=6, join_timeout=3), secret=mm_cred)
+            avgs.append(Averager(d, cfg))
+        yield dhts, avgs
     finally:
         for a in avgs:
             a.close()

@@ -4,6 +4,7 @@ Real keys, DHTs, stores and gloo groups on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 
@@ -231,8 +232,12 @@ def test_cli_keygen_identity_and_bad_allowlists(tmp_path, keys):
 
 def test_cli_allowlisted_run_end_to_end(procs, tmp_path):
     """The documented commands: the operator lists the members' ids (from keygen --identity);
-    the bootstrap node and 2 listed `swarm-peer`s train together; all agree at the end."""
-    from .conftest import summary, wait_exit
+    the bootstrap node and 2 listed `swarm-peer`s train together, `swarm-peer status` with the
+    list sees both, and their parameters agree after every round."""
+    import json
+    import signal
+
+    from .conftest import PY, REPO, wait_exit, wait_for
     from .test_bad_input import run_cli
 
     allow = tmp_path / "allow.txt"
@@ -242,10 +247,21 @@ def test_cli_allowlisted_run_end_to_end(procs, tmp_path):
         with allow.open("a") as f:
             f.write(p.stdout)
     boot, addr = procs.bootstrap("bootstrap", "--allowlist-file", str(allow))
-    args = ["--sync.every-steps", "10", "--train.max-rounds", "3", "--swarm.allowlist-file", str(allow)]
-    peers = [procs.peer(n, addr, *args, "--swarm.identity-path", str(tmp_path / f"{n}.key")) for n in ("alice", "bob")]
+    args = ["--sync.every-steps", "10", "--train.max-rounds", "200", "--swarm.allowlist-file", str(allow),
+            "--checkpoint.keep-last", "0"]
+    peers = [procs.peer(n, addr, *args, "--swarm.identity-path", str(tmp_path / f"{n}.key"),
+                        "--checkpoint.dir", str(tmp_path / f"ckpt-{n}")) for n in ("alice", "bob")]
     for p in peers:
-        assert wait_exit(procs, p, 200) == 0, procs.log(p)[-3000:]
-    for n, p in zip(("alice", "bob"), peers):
-        assert summary(procs, n)["rounds"] == 3 and "round 3 complete: 2 peers" in procs.log(p), procs.log(p)[-3000:]
-    assert summary(procs, "alice")["digest"] == summary(procs, "bob")["digest"]
+        wait_for(lambda: "round 2 complete: 2 peers" in procs.log(p), 200, "2 rounds of the allowlisted pair", p)
+    st = subprocess.run([PY, "-m", "peer", "status", "--join", addr, "--allowlist-file", str(allow), "--json"],
+                        cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert st.returncode == 0, st.stderr[-2000:]
+    listed = set(allow.read_text().split())
+    assert {p["peer_id"] for p in json.loads(st.stdout.strip().splitlines()[-1])["peers"]} == listed
+    for p in peers:
+        p.send_signal(signal.SIGTERM)
+    for p in peers:
+        assert wait_exit(procs, p, 120) == 0, procs.log(p)[-3000:]
+    for r in (1, 2):  # both took part in each round and hold the same parameters after it
+        a, b = (torch.load(tmp_path / f"ckpt-{n}" / f"ckpt-r{r:06d}.pt", weights_only=True)["theta_sync"] for n in ("alice", "bob"))
+        assert torch.equal(a, b)

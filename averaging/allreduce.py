@@ -366,15 +366,10 @@ def _check_credentials(pg: dist.ProcessGroupGloo, group: Group, secret: Credenti
     mine[: len(proof)] = torch.frombuffer(bytearray(proof), dtype=torch.uint8)
     proofs = [torch.empty(secret.proof_size, dtype=torch.uint8) for _ in range(group.size)]
     pg.allgather([proofs], [mine]).wait()
-    return [1.0 if secret.verify(_unpad(proofs[i], secret.proof_size == 32), pid, "allreduce", group.prefix, str(i), pid)
+    # The credential reads its own format: an HMAC tag fills all 32 bytes, an allowlist
+    # proof strips the zero padding itself.
+    return [1.0 if secret.verify(bytes(proofs[i].tolist()), pid, "allreduce", group.prefix, str(i), pid)
             else 0.0 for i, pid in enumerate(group.members)]
-
-
-def _unpad(buf: torch.Tensor, exact: bool) -> bytes:
-    """The proof in a received buffer. An HMAC tag uses all 32 bytes (zeros included); an
-    allowlist proof is zero-padded text (OpenSSH key + base64), so trailing zeros go."""
-    raw = bytes(buf.tolist())
-    return raw if exact else raw.rstrip(b"\0")
 
 
 def _reduce_part(

@@ -1,11 +1,13 @@
 """The contribution ledger: credit for every volunteer, kept on disk across restarts.
 
 Each peer's signed record carries running counters (samples trained, compute seconds,
-rounds completed) since that peer process started. The ledger adds up *increments*: it
-remembers the last counters it saw per peer id, adds the difference, and treats a counter
-that went down as a restart of that peer (its new value is all new work). Because these
-last-seen counters are saved with the totals, a restarted bootstrap neither loses credit
-nor counts it twice.
+rounds completed) since that peer process started, and the random `incarnation` token that
+process drew. The ledger adds up *increments*: it remembers the last counters and token it
+saw per peer id and adds the difference. A new token is a restart of that peer with the same
+identity (its counters are all new work); within one incarnation a smaller number is a stale
+or reordered record and adds nothing (the counters only grow). Because the last-seen
+counters are saved with the totals, a restarted bootstrap neither loses credit nor counts it
+twice.
 
 Unit of credit: training FLOPs = samples × FLOPs per sample, where FLOPs per sample is the
 median of what the run's peers report (6 × parameters × positions per sample: one forward
@@ -47,6 +49,7 @@ class LedgerEntry:
     seen_samples: int = 0
     seen_compute_s: float = 0.0
     seen_rounds: int = 0
+    seen_incarnation: str = ""  # '' in ledgers written before incarnations existed
 
     @classmethod
     def from_dict(cls, d: Any) -> "LedgerEntry":
@@ -57,7 +60,8 @@ class LedgerEntry:
         e = cls(**d)
         numbers = (e.first_seen, e.last_seen, e.samples, e.compute_s, e.rounds, e.credit,
                    e.seen_samples, e.seen_compute_s, e.seen_rounds)
-        if not isinstance(e.peer_id, str) or not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in numbers):
+        if not isinstance(e.peer_id, str) or not isinstance(e.seen_incarnation, str) \
+                or not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in numbers):
             raise ValueError(f"bad values for {e.peer_id!r}")
         return e
 
@@ -93,15 +97,21 @@ class Ledger:
             e = self.entries.get(r.peer_id)
             if e is None:
                 e = self.entries[r.peer_id] = LedgerEntry(peer_id=r.peer_id, first_seen=now, last_seen=now)
-            # A counter that went down means the peer restarted with the same identity.
-            d_samples = r.samples - e.seen_samples if r.samples >= e.seen_samples else r.samples
-            d_compute = r.compute_s - e.seen_compute_s if r.compute_s >= e.seen_compute_s else r.compute_s
-            d_rounds = r.rounds_ok - e.seen_rounds if r.rounds_ok >= e.seen_rounds else r.rounds_ok
+            seen = (e.seen_samples, e.seen_compute_s, e.seen_rounds)
+            counters = (r.samples, r.compute_s, r.rounds_ok)
+            restarted = r.incarnation != e.seen_incarnation
+            if restarted and e.seen_incarnation == "" and all(n >= s for n, s in zip(counters, seen)):
+                restarted = False  # an entry saved before incarnations existed: nothing went down, same process
+            if restarted:
+                seen = (0, 0.0, 0)  # a new process of this peer: everything it reports is new work
+            # Within one incarnation the counters only grow: a smaller value is an older record.
+            d_samples, d_compute, d_rounds = (max(n - s, 0) for n, s in zip(counters, seen))
             e.samples += d_samples
             e.compute_s += d_compute
             e.rounds += d_rounds
             e.credit += d_samples * flops_per_sample
-            e.seen_samples, e.seen_compute_s, e.seen_rounds = r.samples, r.compute_s, r.rounds_ok
+            e.seen_samples, e.seen_compute_s, e.seen_rounds = (max(n, s) for n, s in zip(counters, seen))
+            e.seen_incarnation = r.incarnation
             e.last_seen = max(e.last_seen, now)
             e.device = r.device or e.device
 

@@ -19,7 +19,9 @@ with the majority at its round), it downloads the swarm's state and continues fr
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import secrets
 import socket
 import time
 import zlib
@@ -42,13 +44,14 @@ from averaging.outer import OuterOptimizer
 
 from .config import PeerConfig
 from .membership import RECENT_ROUNDS, Announcer, PeerRecord, RoundOutcome, consensus, donors_for, live_peers, record_validator
-from .schedule import SyncSchedule
+from .schedule import ComputeClock, SyncSchedule
 from .state import CheckpointDir, SwarmState
 from .transfer import StateServer, download_state
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+HISTORY_ROUNDS = 100  # sync attempts kept in Peer.history (tensor-free)
 
 
 class Peer:
@@ -87,11 +90,13 @@ class Peer:
         self.bytes_recv = 0
         self.peers_seen = 0  # other live peers in the last look at the DHT
         self.flops_per_sample = float(flops_per_sample if flops_per_sample is not None else 6 * sum(p.numel() for p in self._params))
-        self._t_joined = time.monotonic()
+        self._clock = ComputeClock()
+        self.incarnation = secrets.token_hex(8)  # this process's run of the peer (the ledger tells restarts by it)
         self._rate_window: deque[tuple[float, int]] = deque()  # (time, total samples), last ~30 s
         self._outcomes: deque[RoundOutcome] = deque(maxlen=RECENT_ROUNDS)  # published with the metrics
-        self.history: list[RoundResult] = []
-        self.sync_wait_s = 0.0  # time step() spent blocked in sync (for compute utilization)
+        # The last HISTORY_ROUNDS sync attempts, without their mean Δ: a long run must not keep
+        # one parameter vector per round (100M parameters = 0.4 GB a round).
+        self.history: deque[RoundResult] = deque(maxlen=HISTORY_ROUNDS)
         self._weight_in_flight = 0
         self._in_flight: tuple[Future, torch.Tensor] | None = None
         # Overlap mode: one worker thread owned by this Peer runs rounds in the background.
@@ -251,6 +256,11 @@ class Peer:
         return dict(self._averager.strikes) if self._averager is not None else {}
 
     @property
+    def sync_wait_s(self) -> float:
+        """Seconds step() spent blocked in sync so far (for compute utilization)."""
+        return self._clock.wait_s
+
+    @property
     def samples_per_s(self) -> float:
         """Training throughput over the last ~30 s (samples per wall-clock second)."""
         if len(self._rate_window) < 2:
@@ -262,13 +272,14 @@ class Peer:
         """This peer's counters, as published in its DHT record (read by the monitor and ledger).
 
         Safe to call from another thread: it only reads counters. `compute_s` is the wall
-        time since joining minus the time step() spent blocked in sync.
+        time since joining minus the time step() spent blocked in sync; it never goes down
+        (the ledger credits its increments).
         """
         recent = tuple(self._outcomes)
         return dict(
             step=self.local_step, samples=self.total_samples, loss=self.last_loss,
             samples_per_s=float(max(self.samples_per_s, 0.0)),
-            compute_s=float(max(time.monotonic() - self._t_joined - self.sync_wait_s, 0.0)),
+            compute_s=float(self._clock.compute_s()),
             rounds_ok=self.rounds_ok, rounds_failed=self.rounds_failed,
             bytes_sent=self.bytes_sent, bytes_recv=self.bytes_recv,
             flops_per_sample=self.flops_per_sample, recent=recent,
@@ -288,7 +299,7 @@ class Peer:
         return value is the previous round's result (None the first time).
         """
         assert self._averager is not None
-        t0 = time.monotonic()
+        self._clock.begin_wait()
         try:
             if self.config.sync.overlap:
                 return self._sync_overlapped()
@@ -299,7 +310,7 @@ class Peer:
             self.schedule.done(result.ok)
             return result
         finally:
-            self.sync_wait_s += time.monotonic() - t0
+            self._clock.end_wait()
 
     def _run_round(self, snap: torch.Tensor, weight: float) -> RoundResult:
         """Matchmaking + all-reduce of Δ = θ_sync − snap. Safe to run in a worker thread."""
@@ -314,7 +325,7 @@ class Peer:
         since then (overlap mode) is kept on top of the new θ_sync."""
         if self._loss_t is not None:
             self.last_loss = float(self._loss_t)
-        self.history.append(result)
+        self.history.append(dataclasses.replace(result, mean_delta=None))
         self._outcomes.append(RoundOutcome(
             round=result.round + 1, status=result.status, duration_s=float(max(result.duration_s, 0.0)),
             bytes=int(result.bytes_sent), members=len(result.members), t=float(dht_time())))
@@ -399,7 +410,7 @@ class Peer:
             round=self.round, fingerprint=self.fingerprint, schema=describe_schema(self.schema), digest=self.digest,
             host=self.announce_host, port=self._averager.matchmaker.port if self._averager else 0,
             step=self.local_step, samples=self.total_samples, loss=self.last_loss,
-            device=self.device.type, version=VERSION,
+            device=self.device.type, version=VERSION, incarnation=self.incarnation,
         )
 
     def _meeting_key(self) -> str:

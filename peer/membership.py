@@ -69,6 +69,7 @@ class _PeerSchema(pd.BaseModel):
     bytes_sent: _Count
     bytes_recv: _Count
     flops_per_sample: _Seconds
+    incarnation: _Str
     recent: pd.conlist(_RoundSchema, max_items=RECENT_ROUNDS)
 
     class Config:
@@ -126,6 +127,9 @@ class PeerRecord:
     bytes_sent: int = 0
     bytes_recv: int = 0
     flops_per_sample: float = 0.0  # training FLOPs of one sample (forward + backward)
+    # A random token drawn when the peer process (the Peer object) starts: the counters above
+    # run from zero within one incarnation, so a new token, not a smaller number, is a restart.
+    incarnation: str = ""
     recent: tuple[RoundOutcome, ...] = ()
 
     def to_record(self) -> dict[str, Any]:

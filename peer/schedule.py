@@ -7,6 +7,7 @@ After a failed round the peer keeps training and retries sooner: after a quarter
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 
@@ -45,3 +46,45 @@ class SyncSchedule:
                 self._next_step = self.steps_since_sync + max(1, self.every_steps // 4)
             if self.every_seconds > 0:
                 self._next_time = now + self.every_seconds / 4
+
+
+class ComputeClock:
+    """Seconds a peer spent training (wall time since it joined, minus time blocked in sync).
+
+    Read from another thread (the announcer publishes it; the ledger credits it), so it must
+    only ever grow: while a sync is in progress the wait so far is already excluded, and the
+    value returned is never below one returned before. A counter that dipped when a long
+    matchmaking wait ended was read by the ledger as a restart and credited twice.
+    """
+
+    def __init__(self, now: float | None = None) -> None:
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic() if now is None else now
+        self._waited = 0.0  # finished waits
+        self._wait_since: float | None = None
+        self._last = 0.0
+
+    def begin_wait(self, now: float | None = None) -> None:
+        with self._lock:
+            self._wait_since = time.monotonic() if now is None else now
+
+    def end_wait(self, now: float | None = None) -> float:
+        """Close the current wait; returns its length."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            waited = now - self._wait_since if self._wait_since is not None else 0.0
+            self._waited += waited
+            self._wait_since = None
+            return waited
+
+    @property
+    def wait_s(self) -> float:
+        """Total time blocked in sync (finished waits only)."""
+        return self._waited
+
+    def compute_s(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            waiting = now - self._wait_since if self._wait_since is not None else 0.0
+            self._last = max(self._last, now - self._t0 - self._waited - waiting)
+            return self._last

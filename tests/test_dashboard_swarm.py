@@ -66,7 +66,7 @@ def test_live_swarm_dashboard_status_and_ledger_restart(procs, tmp_path):
             driver.save_screenshot(str(shot))
             assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
-        pytest.fail(SKIP_REASON)  # .ci/run installs chromium: its absence is a CI setup bug
+        pytest.fail(SKIP_REASON)  # ./run setup installs chromium: its absence is a setup bug
 
     # --- Prometheus metrics and the CSV export agree with the JSON API
     metrics = {s.name: s.value for fam in text_string_to_metric_families(get_text(url + "metrics"))

@@ -460,7 +460,7 @@ VALID_PEER_RECORDS = st.fixed_dictionaries({
     "port": st.integers(0, 65535), "step": _COUNT, "samples": _COUNT, "loss": st.none() | _FINITE,
     "device": _STR, "version": _STR, "t": _FINITE, "role": st.sampled_from(["trainer", "archivist"]),
     "samples_per_s": _SECONDS, "compute_s": _SECONDS, "rounds_ok": _COUNT, "rounds_failed": _COUNT,
-    "bytes_sent": _COUNT, "bytes_recv": _COUNT, "flops_per_sample": _SECONDS,
+    "bytes_sent": _COUNT, "bytes_recv": _COUNT, "flops_per_sample": _SECONDS, "incarnation": _STR,
     "recent": st.lists(ROUND_OUTCOMES, max_size=5),
 })
 # Values a field can be mutated to: anything msgpack carries, plus near-misses of the schema.
@@ -1024,7 +1024,7 @@ _NUM = st.one_of(st.integers(0, 2**60), st.floats(min_value=0.0, max_value=1e300
 VALID_ENTRIES = st.fixed_dictionaries(
     {"peer_id": _STR, "first_seen": _NUM, "last_seen": _NUM},
     optional={k: _NUM for k in ("samples", "compute_s", "rounds", "credit", "seen_samples", "seen_compute_s", "seen_rounds")}
-    | {"device": _STR},
+    | {"device": _STR, "seen_incarnation": _STR},
 )
 
 

@@ -16,10 +16,10 @@ FPS = 1e9  # FLOPs per sample
 
 
 def rec(pid: str, samples: int, *, compute: float = 0.0, rounds: int = 0, loss: float | None = 2.0,
-        recent: tuple = (), role: str = "trainer", fps: float = FPS) -> PeerRecord:
+        recent: tuple = (), role: str = "trainer", fps: float = FPS, inc: str = "i1") -> PeerRecord:
     return PeerRecord(peer_id=pid, round=rounds, fingerprint="f", schema="s", digest="d", host="h", port=1,
                       samples=samples, compute_s=compute, rounds_ok=rounds, loss=loss, device="cpu", role=role,
-                      flops_per_sample=fps, recent=recent, t=100.0)
+                      flops_per_sample=fps, recent=recent, t=100.0, incarnation=inc)
 
 
 def test_credit_counts_only_increments():
@@ -36,9 +36,30 @@ def test_credit_counts_only_increments():
 def test_peer_restart_with_same_identity_keeps_and_adds_credit():
     led = Ledger(None)
     led.observe([rec("A", 300)], flops_per_sample=FPS, now=1)
-    led.observe([rec("A", 40)], flops_per_sample=FPS, now=2)  # counter went down: the peer restarted
-    led.observe([rec("A", 90)], flops_per_sample=FPS, now=3)
+    led.observe([rec("A", 40, inc="i2")], flops_per_sample=FPS, now=2)  # a new incarnation: the peer restarted
+    led.observe([rec("A", 90, inc="i2")], flops_per_sample=FPS, now=3)
     assert led.rows()[0]["samples"] == 300 + 90
+
+
+def test_a_smaller_counter_within_one_incarnation_is_not_a_restart():
+    """The measured case: a peer waiting in matchmaking published compute_s 250, then 57 once
+    the wait ended (an older peer version). Same incarnation: nothing is credited twice."""
+    led = Ledger(None)
+    led.observe([rec("A", 100, compute=250.0, rounds=1)], flops_per_sample=FPS, now=1)
+    led.observe([rec("A", 100, compute=57.0, rounds=1)], flops_per_sample=FPS, now=2)
+    led.observe([rec("A", 120, compute=260.0, rounds=2)], flops_per_sample=FPS, now=3)
+    (row,) = led.rows()
+    assert (row["samples"], row["compute_s"], row["rounds"]) == (120, 260.0, 2)
+
+
+def test_ledger_saved_before_incarnations_still_tells_a_restart(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps({"format": "swarmtrain-ledger-v1", "peers": [
+        {"peer_id": "A", "first_seen": 1, "last_seen": 2, "samples": 300, "seen_samples": 300, "credit": 300 * FPS}]}))
+    led = Ledger(path)
+    led.observe([rec("A", 350)], flops_per_sample=FPS, now=3)  # grew: the same process, 50 new
+    led.observe([rec("A", 20, inc="i2")], flops_per_sample=FPS, now=4)  # a new incarnation: 20 new
+    assert led.rows()[0]["samples"] == 370
 
 
 def test_archivists_earn_no_credit_and_leaderboard_is_ranked():

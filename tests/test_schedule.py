@@ -164,3 +164,18 @@ def test_default_now_uses_wall_clock():
 def test_invalid_schedule_raises(kw):
     with pytest.raises(ValueError):
         SyncSchedule(**kw, now=T0)
+
+
+def test_compute_clock_never_goes_down_across_a_long_wait():
+    """compute_s is published while a sync waits: it must exclude the wait so far, so the value
+    after the wait is not smaller than one read during it (the ledger credits increments)."""
+    from peer.schedule import ComputeClock
+
+    c = ComputeClock(now=0.0)
+    assert c.compute_s(now=10.0) == 10.0
+    c.begin_wait(now=10.0)
+    during = [c.compute_s(now=t) for t in (20.0, 100.0, 250.0)]
+    assert during == [10.0, 10.0, 10.0]  # waiting in matchmaking is not compute
+    assert c.end_wait(now=250.0) == 240.0
+    assert c.compute_s(now=257.0) == 17.0 and c.wait_s == 240.0
+    assert c.compute_s(now=256.0) == 17.0  # a reader with an older clock reading never sees it drop

@@ -90,10 +90,11 @@ class Ledger:
         return {e.peer_id: e for e in entries}
 
     def observe(self, records: Iterable[PeerRecord], *, flops_per_sample: float, now: float) -> None:
-        """Credit the work each trainer record shows since the last observation of that peer."""
+        """Credit the work each trainer record (or a trainer's last, "left") shows since the last
+        observation of that peer."""
         for r in records:
-            if r.role != "trainer" or not r.peer_id:
-                continue
+            if r.role not in ("trainer", "left") or not r.peer_id or (r.role == "left" and r.peer_id not in self.entries):
+                continue  # archivists train nothing; a "left" record counts only for a known trainer
             e = self.entries.get(r.peer_id)
             if e is None:
                 e = self.entries[r.peer_id] = LedgerEntry(peer_id=r.peer_id, first_seen=now, last_seen=now)

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from averaging.dht import SwarmDHT
-from peer.membership import PeerRecord, live_peers
+from peer.membership import PeerRecord, announced_peers
 from peer.status import RunStatus, peer_row, round_outcomes, trainers_of
 
 from .ledger import Ledger
@@ -42,14 +42,18 @@ class RunMonitor:
     def poll(self) -> RunStatus:
         """Read the run's records once and fold them in. Failure: DHT errors propagate (the caller logs them)."""
         assert self.dht is not None
-        return self.observe(live_peers(self.dht), now=time.time())
+        return self.observe(announced_peers(self.dht), now=time.time())
 
     def observe(self, records: dict[str, PeerRecord], *, now: float) -> RunStatus:
-        """Fold one set of records in (the network-free half of poll, used by tests)."""
-        status = trainers_of(records)
+        """Fold one set of records in (the network-free half of poll, used by tests).
+
+        Records of peers that left count in the ledger (their final counters) and nowhere else."""
+        live = {pid: r for pid, r in records.items() if r.role != "left"}
+        status = trainers_of(live)
         with self._lock:
-            self._status, self._all, self._updated = status, records, now
-            self._ledger.observe(status.peers, flops_per_sample=status.flops_per_sample, now=now)
+            self._status, self._all, self._updated = status, live, now
+            self._ledger.observe([r for r in records.values() if r.role in ("trainer", "left")],
+                                 flops_per_sample=status.flops_per_sample, now=now)
             total = sum(e.samples for e in self._ledger.entries.values())
             if status.mean_loss is not None and (not self._loss or self._loss[-1]["samples"] != total):
                 self._loss.append({"t": now, "round": status.round, "loss": status.mean_loss, "samples": total})

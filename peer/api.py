@@ -52,6 +52,25 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 HISTORY_ROUNDS = 100  # sync attempts kept in Peer.history (tensor-free)
+NO_PEER = "no other peer at this round"
+ALONE_REMIND_S = 300.0  # a peer that stays alone says so again this often, not at every attempt
+
+
+class _AloneNotice:
+    """Says once that this peer is alone (a lone peer retries every few steps: one line per
+    attempt would bury everything else), again every ALONE_REMIND_S, and again after company."""
+
+    def __init__(self) -> None:
+        self._said_at: float | None = None
+
+    def due(self, now: float) -> bool:
+        if self._said_at is not None and now - self._said_at < ALONE_REMIND_S:
+            return False
+        self._said_at = now
+        return True
+
+    def reset(self) -> None:
+        self._said_at = None
 
 
 class Peer:
@@ -94,6 +113,7 @@ class Peer:
         self.incarnation = secrets.token_hex(8)  # this process's run of the peer (the ledger tells restarts by it)
         self._rate_window: deque[tuple[float, int]] = deque()  # (time, total samples), last ~30 s
         self._outcomes: deque[RoundOutcome] = deque(maxlen=RECENT_ROUNDS)  # published with the metrics
+        self._alone = _AloneNotice()
         # The last HISTORY_ROUNDS sync attempts, without their mean Δ: a long run must not keep
         # one parameter vector per round (100M parameters = 0.4 GB a round).
         self.history: deque[RoundResult] = deque(maxlen=HISTORY_ROUNDS)
@@ -317,7 +337,7 @@ class Peer:
         assert self._averager is not None
         delta = self.outer.pseudo_gradient(snap)
         if self._expected_group_size() < self.config.sync.min_group_size:
-            return RoundResult(self.round, "failed", (self.peer_id,), (), 0.0, 0, "no other peer at this round")
+            return RoundResult(self.round, "failed", (self.peer_id,), (), 0.0, 0, NO_PEER)
         return self._averager.average(self.round, self._meeting_key(), delta, weight, self._expected_group_size)
 
     def _finish_round(self, result: RoundResult, snap: torch.Tensor) -> None:
@@ -332,9 +352,19 @@ class Peer:
         if not result.ok:
             self._weight_in_flight = 0  # those samples count towards the next attempt
             self.rounds_failed += 1
-            log.info("round %d not completed (%s); continuing to train", self.round + 1, result.error)
+            if result.error != NO_PEER:
+                log.info("round %d not completed (%s); continuing to train", self.round + 1, result.error)
+            elif self._alone.due(time.monotonic()):
+                if self.peers_seen == 0:
+                    log.info("round %d not completed (%s): no other peer is in run %r now. Training alone and retrying "
+                             "quietly; if other peers should be here, check the run id (--swarm.run-id)",
+                             self.round + 1, NO_PEER, self.config.swarm.run_id)
+                else:
+                    log.info("round %d not completed (%s): %d other peer(s) in the run, none at this round with this "
+                             "state. Training on and retrying quietly", self.round + 1, NO_PEER, self.peers_seen)
             self._reconcile()
             return
+        self._alone.reset()
         assert result.mean_delta is not None
         theta = self.outer.apply(result.mean_delta)
         local = flatten_params(self._params).cpu()

@@ -61,7 +61,7 @@ class _PeerSchema(pd.BaseModel):
     device: _Str
     version: _Str
     t: _Finite
-    role: Literal["trainer", "archivist"]
+    role: Literal["trainer", "archivist", "left"]
     samples_per_s: _Seconds
     compute_s: _Seconds
     rounds_ok: _Count
@@ -119,6 +119,8 @@ class PeerRecord:
     t: float = 0.0
     # "trainer" takes part in rounds; "archivist" (a bootstrap node keeping checkpoints) only
     # serves state, so it is a download donor but is never waited for in matchmaking.
+    # "left": the peer's last word when it leaves cleanly. A DHT record cannot be deleted, but a
+    # newer one replaces it, so peers stop waiting for it at once instead of after `ttl`.
     role: str = "trainer"
     samples_per_s: float = 0.0
     compute_s: float = 0.0  # wall seconds spent training, not waiting for the swarm
@@ -154,14 +156,20 @@ class PeerRecord:
         return cls(peer_id=peer_id, **d)
 
 
-def live_peers(dht: SwarmDHT) -> dict[str, PeerRecord]:
-    """All unexpired, well-formed, signed peer records of the run, by peer id."""
+def announced_peers(dht: SwarmDHT) -> dict[str, PeerRecord]:
+    """All unexpired, well-formed, signed peer records of the run, by peer id, those of
+    peers that have left included (their last counters still count in the ledger)."""
     out = {}
     for pid, rec in dht.get_signed(PEERS_KEY).items():
         parsed = PeerRecord.parse(pid, rec)
         if parsed is not None:
             out[pid] = parsed
     return out
+
+
+def live_peers(dht: SwarmDHT) -> dict[str, PeerRecord]:
+    """The run's peers that are still in it: announced and not left."""
+    return {pid: r for pid, r in announced_peers(dht).items() if r.role != "left"}
 
 
 def consensus(records: list[PeerRecord]) -> tuple[int, str] | None:
@@ -190,6 +198,8 @@ class Announcer:
     the training thread; `metrics()` (if given) is read at each publish for fresh counters.
     Failure behaviour: a failed DHT store is logged and retried next period; the thread
     never dies from it. If it cannot store for `ttl`, others stop seeing this peer.
+    `close()` withdraws the record (role "left"): peers stop waiting for this one at once.
+    A crashed peer cannot do that; its record expires after `ttl`.
     """
 
     def __init__(self, dht: SwarmDHT, *, period: float, ttl: float,
@@ -210,11 +220,12 @@ class Announcer:
         if now:
             self._wake.set()
 
-    def publish(self) -> None:
-        """Store the current record now, in the caller's thread."""
+    def publish(self, **override: Any) -> None:
+        """Store the current record now, in the caller's thread (`override`: fields to replace)."""
         with self._lock:
             rec = self._record
         if rec is not None:
+            rec = replace(rec, **override)
             fresh = self._metrics() if self._metrics is not None else {}
             rec = replace(rec, **fresh, t=dht_time())
             if not self.dht.put_signed(PEERS_KEY, rec.to_record(), ttl=self.ttl):
@@ -233,7 +244,13 @@ class Announcer:
             self._wake.clear()
 
     def close(self) -> None:
+        """Stop announcing and withdraw the record. Failure: a DHT error while withdrawing is
+        logged (the record then expires after `ttl`, as a crashed peer's would)."""
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        try:
+            self.publish(role="left")
+        except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; leaving goes on
+            log.warning("could not withdraw this peer's record from the DHT (it expires by itself): %s", e)

@@ -1,24 +1,33 @@
 """How peers agree on one model: matchmaking, the group all-reduce, and the outer optimizer.
 
 Nothing in this package knows about training loops; the maths are pure functions.
-"""
-from .allreduce import RoundResult, weighted_allreduce
-from .averager import Averager, AveragerConfig
-from .dht import SwarmDHT
-from .errors import (
-    AllReduceError,
-    AveragingError,
-    MatchmakingError,
-    ModelMismatchError,
-    NetworkError,
-    StateError,
-    SwarmError,
-)
-from .matchmaking import Group, MatchmakingConfig, Matchmaker
-from .outer import OuterConfig, OuterOptimizer, outer_step
 
-__all__ = [
-    "AllReduceError", "Averager", "AveragerConfig", "AveragingError", "Group", "MatchmakingConfig",
-    "MatchmakingError", "Matchmaker", "ModelMismatchError", "NetworkError", "OuterConfig", "OuterOptimizer",
-    "RoundResult", "StateError", "SwarmDHT", "SwarmError", "outer_step", "weighted_allreduce",
-]
+The names below load on first use (PEP 562), so that importing a light submodule
+(`averaging.config`, `averaging.errors`) does not pull in torch and hivemind.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "RoundResult": "allreduce", "weighted_allreduce": "allreduce",
+    "Averager": "averager",
+    "AveragerConfig": "config", "MatchmakingConfig": "config", "OuterConfig": "config",
+    "SwarmDHT": "dht",
+    "AllReduceError": "errors", "AveragingError": "errors", "MatchmakingError": "errors", "ModelMismatchError": "errors",
+    "NetworkError": "errors", "StateError": "errors", "SwarmError": "errors",
+    "Group": "matchmaking", "Matchmaker": "matchmaking",
+    "OuterOptimizer": "outer", "outer_step": "outer",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'averaging' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

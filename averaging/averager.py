@@ -8,55 +8,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .allreduce import Compression, RoundResult, weighted_allreduce
-from .codecs import get_codec
 from .dht import SwarmDHT
 from .errors import MatchmakingError
-from .access import Credential
 from .faults import Tamper
-from .matchmaking import MatchmakingConfig, Matchmaker
+from .config import AveragerConfig, MatchmakingConfig  # noqa: F401  (re-exported)
+from .matchmaking import Matchmaker
 from .relay import client_round, collect_clients, publish_to_clients
-from .robust import AggregatorConfig
+from .robust import AggregatorConfig  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AveragerConfig:
-    """Network settings of the averager."""
-
-    # Address the TCPStore listens on (0.0.0.0 = all interfaces).
-    listen_host: str = "0.0.0.0"
-    # Address other peers use to reach this one (for the store and for gloo).
-    announce_host: str = "127.0.0.1"
-    # Rendezvous and transfer timeout, in seconds; a dead peer fails the round within it.
-    allreduce_timeout: float = 60.0
-    # Wire codec: fp32 (exact), fp16, bf16, or int8 (blockwise absmax, with error feedback).
-    codec: str = "fp32"
-    # Behind NAT: never listen; average through the group leader (see relay.py).
-    client_mode: bool = False
-    matchmaking: MatchmakingConfig = MatchmakingConfig()
-    # How each part is reduced: mean (weighted), trimmed_mean or centered_clip (robust.py).
-    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
-    # All peers trusted (a private run): fp32 + mean may use gloo's ring SUM, which is faster
-    # but cannot drop a bad contribution (one NaN then fails the round instead).
-    trusted: bool = False
-    # Ban a peer for the rest of the run after this many rounds with a rejected contribution.
-    ban_after: int = 3
-    # A private run's shared secret (None = open run): see access.py.
-    secret: Credential | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if not self.allreduce_timeout > 0:
-            raise ValueError(f"allreduce_timeout must be > 0, got {self.allreduce_timeout}")
-        get_codec(self.codec)  # raises ValueError naming the choices
-        if self.ban_after < 1:
-            raise ValueError(f"ban_after must be >= 1, got {self.ban_after}")
 
 
 class Averager:

@@ -19,6 +19,8 @@ from typing import Literal
 
 import torch
 
+from .config import CODECS
+
 CodecName = Literal["fp32", "fp16", "bf16", "int8"]
 BLOCK = 1024
 
@@ -97,8 +99,8 @@ class Codec:
 
 
 def get_codec(name: str) -> Codec:
-    if name not in ("fp32", "fp16", "bf16", "int8"):
-        raise ValueError(f"unknown codec {name!r} (choose fp32, fp16, bf16 or int8)")
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r} (choose {', '.join(CODECS[:-1])} or {CODECS[-1]})")
     return Codec(name)  # type: ignore[arg-type]
 
 

@@ -36,6 +36,7 @@ from typing import Any, Callable
 from torch.distributed import Store, TCPStore
 
 from .access import Credential
+from .config import MatchmakingConfig
 from .dht import SwarmDHT, dht_time
 from .errors import MatchmakingError
 
@@ -43,30 +44,6 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often a leader checks its join counter
 _RESCAN_S = 0.5  # how often a leader re-reads the DHT (for earlier candidates and expected size)
-
-
-@dataclass(frozen=True, kw_only=True)
-class MatchmakingConfig:
-    """How groups are formed at a sync point."""
-
-    # A group needs at least this many peers (including self) to average.
-    min_group_size: int = 2
-    # Groups are capped at this size; later arrivals fail this round and catch up by download.
-    max_group_size: int = 64
-    # Longest a peer waits at a sync point for others to arrive, in seconds.
-    window: float = 10.0
-    # Timeout for connecting to a leader and reading its replies, in seconds.
-    join_timeout: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.min_group_size < 1:
-            raise ValueError(f"min_group_size must be >= 1, got {self.min_group_size}")
-        if self.max_group_size < self.min_group_size:
-            raise ValueError(f"max_group_size ({self.max_group_size}) must be >= min_group_size ({self.min_group_size})")
-        if not self.window > 0:
-            raise ValueError(f"matchmaking window must be > 0, got {self.window}")
-        if not self.join_timeout > 0:
-            raise ValueError(f"join_timeout must be > 0, got {self.join_timeout}")
 
 
 @dataclass(frozen=True, order=True)

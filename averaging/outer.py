@@ -13,27 +13,10 @@ With lr = 1 and μ = 0 this is θ ← θ_sync − Δ̄ = weighted mean of θ_loc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True, kw_only=True)
-class OuterConfig:
-    """Hyper-parameters of the outer step (DiLoCo defaults: lr 0.7, momentum 0.9, Nesterov)."""
-
-    lr: float = 0.7
-    momentum: float = 0.9
-    nesterov: bool = True
-
-    def __post_init__(self) -> None:
-        if not (self.lr > 0):
-            raise ValueError(f"outer lr must be > 0, got {self.lr}")
-        if not (0 <= self.momentum < 1):
-            raise ValueError(f"outer momentum must be in [0, 1), got {self.momentum}")
-        if self.nesterov and self.momentum == 0:
-            # torch.optim.SGD refuses this too: Nesterov without momentum is meaningless.
-            object.__setattr__(self, "nesterov", False)
+from .config import OuterConfig
 
 
 def outer_step(

@@ -50,62 +50,15 @@ maths guess.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
 
 import torch
 
-AggregatorName = Literal["mean", "trimmed_mean", "centered_clip"]
-_NAMES = ("mean", "trimmed_mean", "centered_clip")
-_MAX_CLIP_ITERS = 100  # cost is O(clip_iters·n·L); more than this is a typo, not a setting
+from .config import AggregatorConfig
+
 # Columns sorted at once: torch.sort also returns int64 indices (8 bytes per value), so
 # sorting a whole [n, L] part could need 3x its size; chunking bounds that.
 _SORT_CHUNK = 1 << 22
-
-
-def _is_real(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AggregatorConfig:
-    """Which reduction a part owner applies to the n contributions for its part.
-
-    name           "mean" (swarmtrain's default: the weighted mean), "trimmed_mean" or
-                   "centered_clip".
-    trim           trimmed_mean: fraction of the n values trimmed from EACH side of each
-                   coordinate, 0 <= trim < 0.5. k = floor(trim·n) values are dropped per side,
-                   computed on the decimal value as written (trim=0.29, n=100 gives k=29,
-                   where float arithmetic would give 28); at least one value always remains.
-    clip_tau       centered_clip: clipping radius RELATIVE to the data, > 0 and finite. The
-                   absolute radius is τ = clip_tau × median_i ‖x_i − v_0‖₂, where v_0 is the
-                   coordinate-wise median of the rows and the median over the n norms is the
-                   middle value (mean of the two middle values for even n). τ is computed
-                   once, from v_0, and kept for all iterations. It scales with the data
-                   (aggregating c·x gives c times the result), so one setting works for any
-                   learning rate or training stage. With clip_tau = 1, about half of the
-                   members (those nearest the median) are not clipped in the first iteration.
-    clip_iters     centered_clip: number of fixed-point iterations, 0..100 (0 returns the
-                   coordinate-wise median). The paper finds few iterations enough.
-    """
-
-    name: AggregatorName = "mean"
-    trim: float = 0.2
-    clip_tau: float = 1.0
-    clip_iters: int = 3
-
-    def __post_init__(self) -> None:
-        if self.name not in _NAMES:
-            raise ValueError(f"name must be one of {', '.join(_NAMES)}; got {self.name!r}")
-        if not _is_real(self.trim) or not (0 <= self.trim < 0.5):
-            raise ValueError(f"trim must be a number in [0, 0.5); got {self.trim!r}")
-        if not _is_real(self.clip_tau) or not (math.isfinite(self.clip_tau) and self.clip_tau > 0):
-            raise ValueError(f"clip_tau must be a finite number > 0; got {self.clip_tau!r}")
-        if not isinstance(self.clip_iters, int) or isinstance(self.clip_iters, bool) or not (
-            0 <= self.clip_iters <= _MAX_CLIP_ITERS
-        ):
-            raise ValueError(f"clip_iters must be an integer in [0, {_MAX_CLIP_ITERS}]; got {self.clip_iters!r}")
 
 
 def trim_count(trim: float, n: int) -> int:

@@ -266,6 +266,38 @@ class Peer:
         return None
 
     @property
+    def addrs(self) -> list[str]:
+        """Multiaddrs other peers can join through (`SwarmConfig(initial_peers=peer.addrs)`),
+        e.g. `/ip4/127.0.0.1/tcp/41234/p2p/Qm…`. Empty for a client-mode peer (it does not
+        listen) and after `close()`."""
+        if self._dht is None or self._closed:
+            return []
+        return self._dht.visible_maddrs()
+
+    def wait_for_peers(self, n: int, timeout: float = 60.0, *, poll: float = 0.5) -> int:
+        """Block until the run has at least `n` trainers with this model, this peer included
+        (so every worker of a 3-worker experiment calls `wait_for_peers(3)`). Returns how many
+        there are. Raises TimeoutError (one line: how many were seen, and the run id to
+        check) after `timeout` seconds; DHT errors are retried until then."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if self._closed:
+            raise RuntimeError("peer is closed")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                have = 1 + sum(r.role == "trainer" and r.fingerprint == self.fingerprint for r in self._others())
+            except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; retry until the deadline
+                log.debug("reading the run's peers failed: %s", e)
+                have = 0
+            if have >= n:
+                return have
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"waited {timeout:g}s for {n} peers in run {self.config.swarm.run_id!r}, saw {have} "
+                                   "(this one included); check the other peers' run id and --join address")
+            time.sleep(min(poll, max(deadline - time.monotonic(), 0.0)))
+
+    @property
     def banned(self) -> frozenset[str]:
         """Peers this one refuses to average with for the rest of the run (repeatedly rejected contributions)."""
         return frozenset(self._averager.banned) if self._averager is not None else frozenset()

@@ -4,23 +4,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
 
-from averaging.errors import SwarmError
-
 from . import configlib
 from .config import RunConfig
-from .data import DataError
 from .progress import configure_logging
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the full usage is one --help away)."""
+    """argparse, but a usage error is one line (the full usage is one --help away), and an
+    unknown flag that exists under another name (`--run-id` for `--swarm.run-id`, or the
+    other way round) is answered with that name."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        hint = ""
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m:
+            flag = m.group(1).split("=", 1)[0]
+            tail = flag.rsplit(".", 1)[-1].lstrip("-")
+            known = [o for a in self._actions for o in a.option_strings]
+            near = [o for o in known if o != flag and o.lstrip("-").rsplit(".", 1)[-1] == tail]
+            if near:
+                hint = f"; did you mean {' or '.join(near)}?"
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see --help)\n")
 
 
 def parse(argv: list[str] | None) -> RunConfig:
@@ -50,7 +59,14 @@ def parse(argv: list[str] | None) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl+C before the trainer's handler was installed: one line, no traceback
+        print("swarm-peer: interrupted while starting; nothing to save", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["status"]:  # `swarm-peer status --join ADDR`: show the swarm, train nothing
         from .status import main as status_main
         return status_main(argv[1:])
@@ -72,8 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    from .train import run, write_json_atomic  # heavy imports after argument errors are reported
+    # The heavy imports (torch, hivemind) come only now: argument errors and --help are instant.
+    from averaging.errors import SwarmError
 
+    from .data import DataError
+    from .train import run, write_json_atomic
+
+    if stop.is_set():  # Ctrl+C while loading: nothing has started yet
+        print("swarm-peer: interrupted while starting; nothing to save", file=sys.stderr)
+        return 130
     try:
         summary = run(cfg, stop)
     except (SwarmError, DataError, ValueError) as e:  # ValueError: e.g. --train.device cuda without CUDA
@@ -84,8 +107,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if cfg.train.summary_file:
         write_json_atomic(cfg.train.summary_file, summary)
-    print("SUMMARY " + json.dumps(summary), flush=True)
+    if cfg.log.format != "json" and sys.stdout.isatty():
+        print(format_summary(summary, cfg.swarm.run_id), flush=True)
+    else:  # a pipe, a file or --log-format json: one machine-readable line
+        print("SUMMARY " + json.dumps(summary), flush=True)
     return 0
+
+
+def format_summary(s: dict, run_id: str) -> str:
+    """The exit summary for a person at a terminal (the SUMMARY JSON line carries every field)."""
+    from .progress import fmt_bytes
+
+    failed = f" ({s['rounds_failed']} failed)" if s["rounds_failed"] else ""
+    return "\n".join([
+        f"swarm-peer: {'stopped' if s['interrupted'] else 'finished'} in run {run_id!r} after {s['rounds']} rounds{failed}, "
+        f"{s['steps']:,} steps, {s['samples']:,} samples, {s['wall_s']:.0f} s",
+        f"  validation loss    {s['val_loss_start']:.4f} -> {s['val_loss_final']:.4f}",
+        f"  compute            {100 * s['compute_utilization']:.1f} % of the time (waited {s['sync_wait_s']:.1f} s in sync), "
+        f"sent {fmt_bytes(s['bytes_sent'])}",
+        f"  peer {s['peer_id']}, parameters digest {s['digest'][:16]}",
+        "  (every field as JSON: --log-format json, or --train.summary-file FILE)",
+    ])
 
 
 if __name__ == "__main__":

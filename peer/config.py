@@ -4,43 +4,46 @@
     [sync]        when and how to average         SyncConfig
     [checkpoint]  what to keep on disk            CheckpointConfig
     [train]       the CLI trainer's inner loop    TrainConfig
-    [model]       the embedded byte-level GPT     peer.model.ModelConfig
-    [data]        the training text               peer.data.DataConfig
+    [model]       the embedded byte-level GPT     ModelConfig
+    [data]        the training text               DataConfig
     [log]         progress display and trackers   peer.progress.LogConfig
 
 `PeerConfig` (swarm + sync + checkpoint) is what the Python API needs; `RunConfig` adds
 what `swarm-peer` needs to train the embedded model. Every invalid value raises a
 ValueError naming the field; `configlib.load` turns it into a one-line ConfigError.
+
+This module imports neither torch nor hivemind (only other config modules): `swarm-peer`
+parses and checks its flags, and prints `--help`, before the heavy modules load.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import multiaddr
 
-from averaging.access import Credential
-from averaging.averager import AveragerConfig
-from averaging.matchmaking import MatchmakingConfig
-from averaging.outer import OuterConfig
-from averaging.robust import AggregatorConfig
+from averaging.config import AggregatorConfig, AveragerConfig, MatchmakingConfig, OuterConfig
 
 from .configlib import doc
-from .data import DataConfig
-from .model import ModelConfig
 from .progress import LogConfig
+
+if TYPE_CHECKING:
+    from averaging.access import Credential
 
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def validate_multiaddr(addr: str) -> str:
     """Return `addr` if it is a full peer multiaddr (…/p2p/<peer id>), else raise ValueError."""
+    expected = "expected /ip4/HOST/tcp/PORT/p2p/PEER_ID, as the bootstrap node prints it"
+    if not addr.startswith("/"):  # HOST:PORT, a URL, a bare peer id: say what the form is
+        raise ValueError(f"invalid multiaddr {addr!r}: {expected}")
     try:
         m = multiaddr.Multiaddr(addr)
     except Exception as e:  # py-multiaddr raises several exception types for bad input
         reason = str(e).split(": ", 1)[-1].split(" (string:")[0]  # drop py-multiaddr's repetition
-        raise ValueError(f"invalid multiaddr {addr!r}: {reason}") from None
+        raise ValueError(f"invalid multiaddr {addr!r}: {reason} ({expected})") from None
     protocols = [p.name for p in m.protocols()]
     if "p2p" not in protocols:
         raise ValueError(f"invalid multiaddr {addr!r}: it must end with /p2p/<peer id> (copy it from the bootstrap's output)")
@@ -49,6 +52,113 @@ def validate_multiaddr(addr: str) -> str:
     return addr
 
 
+# ---------------------------------------------------------------- [data]
+_SOURCES = ("stdlib", "text", "tokens")
+_TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int; `batch_size = true` in a config is a mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_shard(spec: str) -> tuple[int, int] | None:
+    """Parse a shard spec: "auto" -> None, "i/n" -> (i, n) with 0 <= i < n."""
+    if not isinstance(spec, str):
+        raise ValueError(f"data.shard must be 'auto' or 'i/n', got {spec!r}")
+    if spec.strip() == "auto":
+        return None
+    m = _SHARD_RE.match(spec)
+    if m is None:
+        raise ValueError(f"data.shard must be 'auto' or 'i/n', got {spec!r}")
+    i, n = int(m.group(1)), int(m.group(2))
+    if not 0 <= i < n:
+        raise ValueError(f"data.shard {spec!r} needs 0 <= i < n")
+    return i, n
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the training tokens come from and how this peer samples them."""
+
+    source: str = doc("stdlib", 'Corpus kind: "stdlib" (Python\'s own sources), "text" (user files) or "tokens".')
+    paths: list[str] = doc([], '"text": files and/or directories (walked recursively); "tokens": exactly one file.')
+    token_dtype: str = doc("uint16", 'Element type of a raw (non-.npy) token file: "uint8", "uint16" or "uint32".')
+    batch_size: int = doc(16, 'Sequences per training batch on this peer.')
+    val_fraction: float = doc(0.05, 'Fraction of the corpus held out for validation, 0 < f < 0.5.')
+    shard: str = doc("auto", '"auto" (sample the whole corpus with a per-peer seed) or "i/n" (only chunk i of n).')
+    max_bytes: int = doc(8_000_000, 'Cap on corpus bytes for "stdlib"/"text" so loading stays fast; 0 = no cap.')
+
+    def __post_init__(self) -> None:
+        if self.source not in _SOURCES:
+            raise ValueError(f"data.source must be one of {', '.join(_SOURCES)}, got {self.source!r}")
+        # A bare string would otherwise be iterated character by character.
+        if isinstance(self.paths, (str, bytes)) or not isinstance(self.paths, (list, tuple)):
+            raise ValueError(f"data.paths must be a list of strings, got {self.paths!r}")
+        self.paths = list(self.paths)
+        for p in self.paths:
+            if not isinstance(p, str) or not p:
+                raise ValueError(f"data.paths entries must be non-empty strings, got {p!r}")
+        if self.source == "text" and not self.paths:
+            raise ValueError("data.paths must name at least one file when data.source is 'text'")
+        if self.source == "tokens" and len(self.paths) != 1:
+            raise ValueError(
+                f"data.paths must name exactly one file when data.source is 'tokens', got {self.paths!r}"
+            )
+        if self.source == "stdlib" and self.paths:
+            raise ValueError(f"data.paths must be empty when data.source is 'stdlib', got {self.paths!r}")
+        if self.token_dtype not in _TOKEN_DTYPES:
+            raise ValueError(
+                f"data.token_dtype must be one of {', '.join(_TOKEN_DTYPES)}, got {self.token_dtype!r}"
+            )
+        if not _is_int(self.batch_size) or self.batch_size <= 0:
+            raise ValueError(f"data.batch_size must be a positive integer, got {self.batch_size!r}")
+        if (
+            isinstance(self.val_fraction, bool)
+            or not isinstance(self.val_fraction, (int, float))
+            or not 0.0 < self.val_fraction < 0.5
+        ):
+            raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
+        parse_shard(self.shard)  # raises ValueError naming data.shard
+        if not _is_int(self.max_bytes) or self.max_bytes < 0:
+            raise ValueError(f"data.max_bytes must be a non-negative integer, got {self.max_bytes!r}")
+
+
+# ---------------------------------------------------------------- [model]
+def _check_positive_int(name: str, value: object) -> None:
+    # bool is a subclass of int; `n_layer = true` in a config file is a mistake.
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shape of the model. All peers in a swarm must use the same config."""
+
+    vocab_size: int = doc(256, 'Number of distinct tokens; 256 for raw bytes.')
+    block_size: int = doc(64, 'Maximum context length T (positions in the learned position embedding).')
+    n_layer: int = doc(2, 'Number of transformer blocks.')
+    n_head: int = doc(4, 'Number of attention heads per block; must divide n_embd.')
+    n_embd: int = doc(128, 'Width of the residual stream C.')
+    dropout: float = doc(0.0, 'Dropout probability used during training (0 disables dropout).')
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            _check_positive_int(name, getattr(self, name))
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+# ---------------------------------------------------------------- [swarm]
 @dataclass(kw_only=True)
 class SwarmConfig:
     run_id: str = doc("swarmtrain-demo", "name of the training run; peers of different runs never meet")

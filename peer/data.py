@@ -15,10 +15,9 @@ chosen by a hash of their relative path, never by position or randomness.
 from __future__ import annotations
 
 import os
-import re
 import sysconfig
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -27,88 +26,18 @@ import torch
 import torch.nn as nn
 
 from peer.device import autocast
-from .configlib import doc
+from .config import DataConfig, _is_int, parse_shard  # noqa: F401  (DataConfig, parse_shard: re-exported)
 
 
 class DataError(ValueError):
     """The configured data cannot be loaded or sampled (missing, unreadable, too small)."""
 
 
-_SOURCES = ("stdlib", "text", "tokens")
-_TOKEN_DTYPES = ("uint8", "uint16", "uint32")
-_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 # Separator between concatenated files, so the model sees a file boundary.
 _FILE_SEP = b"\n"
 # Directory names skipped when collecting stdlib sources: tests are large,
 # repetitive and would crowd out the rest of the library under max_bytes.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-
-
-def _is_int(value: object) -> bool:
-    # bool is a subclass of int; `batch_size = true` in a config is a mistake.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def parse_shard(spec: str) -> tuple[int, int] | None:
-    """Parse a shard spec: "auto" -> None, "i/n" -> (i, n) with 0 <= i < n."""
-    if not isinstance(spec, str):
-        raise ValueError(f"data.shard must be 'auto' or 'i/n', got {spec!r}")
-    if spec.strip() == "auto":
-        return None
-    m = _SHARD_RE.match(spec)
-    if m is None:
-        raise ValueError(f"data.shard must be 'auto' or 'i/n', got {spec!r}")
-    i, n = int(m.group(1)), int(m.group(2))
-    if not 0 <= i < n:
-        raise ValueError(f"data.shard {spec!r} needs 0 <= i < n")
-    return i, n
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    """Where the training tokens come from and how this peer samples them."""
-
-    source: str = doc("stdlib", 'Corpus kind: "stdlib" (Python\'s own sources), "text" (user files) or "tokens".')
-    paths: list[str] = doc([], '"text": files and/or directories (walked recursively); "tokens": exactly one file.')
-    token_dtype: str = doc("uint16", 'Element type of a raw (non-.npy) token file: "uint8", "uint16" or "uint32".')
-    batch_size: int = doc(16, 'Sequences per training batch on this peer.')
-    val_fraction: float = doc(0.05, 'Fraction of the corpus held out for validation, 0 < f < 0.5.')
-    shard: str = doc("auto", '"auto" (sample the whole corpus with a per-peer seed) or "i/n" (only chunk i of n).')
-    max_bytes: int = doc(8_000_000, 'Cap on corpus bytes for "stdlib"/"text" so loading stays fast; 0 = no cap.')
-
-    def __post_init__(self) -> None:
-        if self.source not in _SOURCES:
-            raise ValueError(f"data.source must be one of {', '.join(_SOURCES)}, got {self.source!r}")
-        # A bare string would otherwise be iterated character by character.
-        if isinstance(self.paths, (str, bytes)) or not isinstance(self.paths, (list, tuple)):
-            raise ValueError(f"data.paths must be a list of strings, got {self.paths!r}")
-        self.paths = list(self.paths)
-        for p in self.paths:
-            if not isinstance(p, str) or not p:
-                raise ValueError(f"data.paths entries must be non-empty strings, got {p!r}")
-        if self.source == "text" and not self.paths:
-            raise ValueError("data.paths must name at least one file when data.source is 'text'")
-        if self.source == "tokens" and len(self.paths) != 1:
-            raise ValueError(
-                f"data.paths must name exactly one file when data.source is 'tokens', got {self.paths!r}"
-            )
-        if self.source == "stdlib" and self.paths:
-            raise ValueError(f"data.paths must be empty when data.source is 'stdlib', got {self.paths!r}")
-        if self.token_dtype not in _TOKEN_DTYPES:
-            raise ValueError(
-                f"data.token_dtype must be one of {', '.join(_TOKEN_DTYPES)}, got {self.token_dtype!r}"
-            )
-        if not _is_int(self.batch_size) or self.batch_size <= 0:
-            raise ValueError(f"data.batch_size must be a positive integer, got {self.batch_size!r}")
-        if (
-            isinstance(self.val_fraction, bool)
-            or not isinstance(self.val_fraction, (int, float))
-            or not 0.0 < self.val_fraction < 0.5
-        ):
-            raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
-        parse_shard(self.shard)  # raises ValueError naming data.shard
-        if not _is_int(self.max_bytes) or self.max_bytes < 0:
-            raise ValueError(f"data.max_bytes must be a non-negative integer, got {self.max_bytes!r}")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: == on numpy arrays is elementwise, not a bool

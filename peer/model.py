@@ -8,44 +8,14 @@ start from the same point. `build_model` guarantees that.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .configlib import doc
+
+from .config import ModelConfig
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    # bool is a subclass of int; `n_layer = true` in a config file is a mistake.
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """Shape of the model. All peers in a swarm must use the same config."""
-
-    vocab_size: int = doc(256, 'Number of distinct tokens; 256 for raw bytes.')
-    block_size: int = doc(64, 'Maximum context length T (positions in the learned position embedding).')
-    n_layer: int = doc(2, 'Number of transformer blocks.')
-    n_head: int = doc(4, 'Number of attention heads per block; must divide n_embd.')
-    n_embd: int = doc(128, 'Width of the residual stream C.')
-    dropout: float = doc(0.0, 'Dropout probability used during training (0 disables dropout).')
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _check_positive_int(name, getattr(self, name))
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
-            )
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not 0.0 <= self.dropout < 1.0
-        ):
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
 
 
 class CausalSelfAttention(nn.Module):

@@ -27,7 +27,7 @@ asked for; a missing one is a one-line :class:`MissingDependencyError` at start-
 
 Lines and scalar points are emitted when ``step % every_steps == 0``, when a new all-reduce
 result arrives (``last_round`` changed), and for ``update(snap, force=True)`` (use it for the
-final snapshot).
+final snapshot), unless that exact snapshot was the last one emitted.
 
 Sinks never crash training: :class:`ProgressGroup` catches an ``Exception`` raised by a sink's
 own ``update``/``close`` (not ``BaseException``, so Ctrl+C still propagates), logs ONE warning,
@@ -268,7 +268,7 @@ class ProgressGroup(Progress):
             return
         last = self._last
         due = force or last is None or snap.step % self.every_steps == 0 or snap.last_round != last.last_round
-        if due and not force and snap == last:
+        if due and snap == last:  # never the same line twice, not even for the final (forced) update
             due = False
         if due:
             self._last = snap
@@ -357,16 +357,16 @@ class RichProgress(Progress):
         try:
             from rich.console import Console
             from rich.live import Live
-            from rich.logging import RichHandler
         except ImportError:
             raise MissingDependencyError("--log.format rich needs the rich package: pip install rich") from None
         self.console = console if console is not None else Console(stderr=True)
         self._snap: ProgressSnapshot | None = None
         self._closed = False
-        self._handler = RichHandler(console=self.console, show_path=False, markup=False,
-                                    rich_tracebacks=False, log_time_format="[%X]")
+        self._handler = _rich_handler(self.console)
         root = logging.getLogger()
-        self._removed = [h for h in root.handlers if _writes_to_terminal(h, self.console.file)]
+        # configure_logging's own handler goes too (in rich mode a RichHandler of its own console)
+        self._removed = [h for h in root.handlers
+                         if _writes_to_terminal(h, self.console.file) or getattr(h, _OUR_HANDLER, False)]
         for h in self._removed:
             root.removeHandler(h)
         root.addHandler(self._handler)
@@ -554,20 +554,27 @@ def configure_logging(fmt: str = "auto", *, level: int = logging.INFO, stream: T
     Replaces earlier terminal handlers on the root logger (ours, or ``basicConfig``'s) with one
     handler on ``stream`` (default stderr), sets the root level, quiets hivemind and
     torch.distributed to WARNING and, if hivemind is loaded, routes its records through the root
-    logger (:func:`adopt_hivemind_logging`). In rich mode the text handler is what the live
-    display swaps out while it runs. Returns the handler.
+    logger (:func:`adopt_hivemind_logging`). When ``fmt`` resolves to rich (a terminal, no
+    ``stream``), the handler is already the rich one the live display uses, so the lines
+    printed before the display starts look like those after. Returns the handler.
     """
-    resolve_format(fmt, isatty=False)  # validates
+    resolved = resolve_format(fmt, isatty=None if stream is None else False)  # validates
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, _OUR_HANDLER, False) or _writes_to_terminal(h, stream):
             root.removeHandler(h)
-    handler = logging.StreamHandler(stream)  # None -> sys.stderr
-    setattr(handler, _OUR_HANDLER, True)
-    if fmt == "json":
-        handler.setFormatter(JsonLogFormatter())
+    handler: logging.Handler
+    if resolved == "rich":
+        from rich.console import Console
+
+        handler = _rich_handler(Console(stderr=True))
     else:
-        handler.setFormatter(logging.Formatter(TEXT_LOG_FORMAT, datefmt=TEXT_DATE_FORMAT))
+        handler = logging.StreamHandler(stream)  # None -> sys.stderr
+        if fmt == "json":
+            handler.setFormatter(JsonLogFormatter())
+        else:
+            handler.setFormatter(logging.Formatter(TEXT_LOG_FORMAT, datefmt=TEXT_DATE_FORMAT))
+    setattr(handler, _OUR_HANDLER, True)
     root.addHandler(handler)
     root.setLevel(level)
     adopt_hivemind_logging()
@@ -631,6 +638,13 @@ def make_progress(cfg: LogConfig, *, stream: TextIO | None = None, isatty: bool 
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _rich_handler(console: Any) -> logging.Handler:
+    """The terminal log handler of rich mode (before and while the live display runs)."""
+    from rich.logging import RichHandler
+
+    return RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False, log_time_format="[%X]")
 
 
 def _isatty(stream: Any) -> bool:

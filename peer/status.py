@@ -7,7 +7,6 @@ Pure functions over PeerRecord lists (no network), shared by the bootstrap's mon
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -144,11 +143,12 @@ def main(argv: list[str]) -> int:
     p = OneLineParser(prog="swarm-peer status", allow_abbrev=False,
                       description="Print a running swarm's status (joins the DHT as a client; trains nothing).")
     p.add_argument("--join", action="append", required=True, metavar="MULTIADDR", help="any live peer or bootstrap node")
-    p.add_argument("--run-id", default="swarmtrain-demo", help="the run to show")
+    # The same flags swarm-peer takes (--swarm.*) work here too, so a command can be copied over.
+    p.add_argument("--run-id", "--swarm.run-id", dest="run_id", default="swarmtrain-demo", help="the run to show")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the first peer records")
-    p.add_argument("--secret-file", default="", help="a private run's shared secret (needed to read its records)")
-    p.add_argument("--allowlist-file", default="", help="a private run's allowlist (needed to read its records)")
+    p.add_argument("--secret-file", "--swarm.secret-file", dest="secret_file", default="", help="a private run's shared secret (needed to read its records)")
+    p.add_argument("--allowlist-file", "--swarm.allowlist-file", dest="allowlist_file", default="", help="a private run's allowlist (needed to read its records)")
     ns = p.parse_args(argv)
     try:
         for a in ns.join:

@@ -74,8 +74,8 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
                     val_final = val_loss()
                     round_losses.append((peer.round, val_final))
                     val_by_samples.append((peer.total_samples, val_final))
-                log.info("round %d: %d peers, %.2fs%s", peer.round, len(result.members), result.duration_s,
-                         f", validation loss {val_final:.4f}" if evaluated else "")
+                    # peer.api has already logged the round itself ("round N complete: ..."): one line, not two
+                    log.info("round %d validation loss %.4f", peer.round, val_final)
             progress.update(_snapshot(peer, val_final))
             if cfg.train.max_rounds and peer.round >= cfg.train.max_rounds:
                 break

@@ -192,3 +192,22 @@ def test_a_leaving_peer_is_not_waited_for_and_a_lone_peer_says_so_once(caplog):
     alone = [r.getMessage() for r in caplog.records[ids["logged"]:] if NO_PEER in r.getMessage()]
     assert len(alone) == 1, alone
     assert "no other peer is in run 'leaving' now" in alone[0] and "--swarm.run-id" in alone[0]
+
+
+@pytest.mark.timeout(120)
+def test_peer_addrs_let_another_peer_join_and_wait_for_peers_counts_them():
+    """No bootstrap node: B joins through A's public `addrs`; both see each other with
+    wait_for_peers; waiting for a third that never comes fails in one line after the timeout."""
+    def make(initial: list[str]) -> Peer:
+        model = TinyRegressor()
+        cfg = PeerConfig(swarm=SwarmConfig(run_id="addrs", initial_peers=initial, host="127.0.0.1"),
+                         sync=SyncConfig(every_steps=5))
+        return Peer(model, torch.optim.SGD(model.parameters(), lr=0.01), cfg)
+
+    with make([]) as a:
+        assert a.addrs and all(m.startswith("/ip4/127.0.0.1/tcp/") and m.endswith("/p2p/" + a.peer_id) for m in a.addrs)
+        with make(a.addrs) as b:
+            assert b.wait_for_peers(2, timeout=30) == 2 and a.wait_for_peers(2, timeout=30) == 2
+            with pytest.raises(TimeoutError, match=r"waited 1s for 3 peers in run 'addrs', saw 2"):
+                a.wait_for_peers(3, timeout=1)
+    assert a.addrs == []  # closed

@@ -706,7 +706,7 @@ def test_run_test():
 @pytest.mark.timeout(400)
 def test_run_demo(tmp_path):
     """`./run demo` is `python -m bootstrap.demo` after setup; run it, smaller than the default."""
-    assert re.search(r'demo\) setup; shift; exec "\$VENV/bin/python" -m bootstrap.demo "\$@"', (REPO / "run").read_text())
+    assert re.search(r'demo\) python_env; shift; exec "\$VENV/bin/python" -m bootstrap.demo "\$@"', (REPO / "run").read_text())
     p = subprocess.run([sys.executable, "-m", "bootstrap.demo", "--peers", "2", "--rounds", "2", "--every-steps", "10",
                         "--workdir", str(tmp_path / "demo")], cwd=REPO, capture_output=True, text=True, timeout=360,
                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -843,6 +843,16 @@ def test_python_api_snippets(tmp_path, monkeypatch):
     (tmp_path / "peer.toml").write_text('[sync]\nevery_steps = 100\n[swarm]\nrun_id = "circle"\n')
     exec(next(b for b in blocks if "configlib.load(PeerConfig" in b), ns)
     assert ns["cfg"].swarm.run_id == "circle"
+    import logging
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers = []  # basicConfig only acts on a root logger without handlers
+    try:
+        exec(next(b for b in blocks if "logging.basicConfig" in b), ns)  # "Seeing the logs"
+        assert root.level == logging.INFO and root.handlers
+    finally:
+        root.handlers, _ = saved
+        root.setLevel(saved[1])
     from peer import SyncConfig
 
     doc = (REPO / "docs" / "python-api.md").read_text()

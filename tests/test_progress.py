@@ -403,3 +403,35 @@ def test_optional_sink_closed_if_display_fails(monkeypatch, tmp_path):
     with pytest.raises(MissingDependencyError):
         make_progress(LogConfig(format="rich", tensorboard_dir=str(tmp_path)))
     assert FakeWriter.instances[0].closed
+
+
+def test_the_final_forced_update_does_not_repeat_the_last_line(caplog):
+    """Text mode printed the last step line twice: once at its step, once as the forced final update."""
+    caplog.set_level(logging.INFO, logger="swarmtrain")
+    p = ProgressGroup([TextProgress()], every_steps=10)
+    p.update(snap(20, last_round=ROUND))
+    p.update(snap(20, last_round=ROUND), force=True)
+    p.update(snap(21, last_round=ROUND), force=True)  # a new snapshot is still forced out
+    assert [m.split("  ")[0] for m in caplog.messages] == ["step 20", "step 21"]
+
+
+def test_on_a_terminal_the_lines_before_the_live_display_look_like_those_during_it(monkeypatch):
+    """configure_logging on a terminal (auto) installs the same rich handler the live display
+    uses, so the first lines (joining, the model) are not in another format; the display swaps
+    it for its own while it runs and puts it back."""
+    from rich.logging import RichHandler
+
+    from peer import progress
+
+    monkeypatch.setattr(progress, "_isatty", lambda stream: True)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    try:
+        h = progress.configure_logging("auto")
+        assert isinstance(h, RichHandler) and h in root.handlers
+        display = progress.RichProgress(rich_console())
+        assert h not in root.handlers and sum(isinstance(x, RichHandler) for x in root.handlers) == 1
+        display.close()
+        assert h in root.handlers
+    finally:
+        root.handlers = saved

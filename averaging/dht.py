@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -54,6 +55,12 @@ class _OwnedDHT(hivemind.DHT):
         # inherited objects segfaults (seen when the DHT's record validators allocate heavily).
         # gc.freeze() moves everything inherited to the permanent generation, never traversed.
         gc.freeze()
+        # Leave the terminal's process group (p2pd, started from here, follows): a Ctrl+C goes
+        # to the whole foreground group, and a DHT and p2pd that stopped on their own, before
+        # their owner asked them to, printed go-libp2p errors and made the owner's shutdown
+        # wait out a grace period. The owner handles the signal and stops them in order; if
+        # it dies instead, PR_SET_PDEATHSIG below still takes this process down.
+        os.setpgid(0, 0)
         if sys.platform.startswith("linux"):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG

@@ -7,13 +7,10 @@ import signal
 import sys
 import threading
 
-from averaging.access import generate_secret_file
-from averaging.errors import StateError, SwarmError
-from averaging.identity import ensure_identity
 from peer import configlib
 from peer.cli import OneLineParser
 
-from .node import BootstrapConfig, BootstrapNode
+from .config import BootstrapConfig
 
 
 def parse(argv: list[str] | None) -> BootstrapConfig:
@@ -36,6 +33,10 @@ def keygen(argv: list[str]) -> int:
     what.add_argument("--out", help="shared secret file to create (mode 0600; never overwritten)")
     what.add_argument("--identity", help="identity key file (created if missing); prints its peer id")
     ns = p.parse_args(argv)
+    from averaging.access import generate_secret_file
+    from averaging.errors import StateError
+    from averaging.identity import ensure_identity
+
     try:
         if ns.identity:
             peer_id, created = ensure_identity(ns.identity)
@@ -54,7 +55,14 @@ def keygen(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl+C before the node's handler was installed: one line, no traceback
+        print("swarm-bootstrap: interrupted while starting", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -67,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    from averaging.errors import SwarmError  # the heavy imports (hivemind, torch) only now
+
+    from .node import BootstrapNode
+
+    if stop.is_set():  # Ctrl+C while loading: nothing has started yet
+        print("swarm-bootstrap: interrupted while starting", file=sys.stderr)
+        return 130
     node = BootstrapNode(cfg)
     try:
         maddrs = node.start()

@@ -94,3 +94,45 @@ def test_bad_data_path(tmp_path):
     p = run_cli("-m", "peer", "--data.source", "text", "--data.paths", str(missing), "--swarm.host", "127.0.0.1")
     assert p.returncode != 0
     assert str(missing) in error_line(p, "swarm-peer")
+
+
+# A child that sends itself a real SIGINT at the moment MODULE starts loading: Ctrl+C at
+# that exact point of start-up, without guessing it with a sleep.
+_CTRL_C_AT_IMPORT = """
+import importlib.abc, os, signal, sys, runpy
+MODULE, ENTRY = sys.argv[1], sys.argv[2]
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == MODULE:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+sys.argv = [ENTRY, *sys.argv[3:]]
+runpy.run_module(ENTRY, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("entry, args, line", [
+    ("peer", ["--swarm.host", "127.0.0.1", "--train.threads", "1"], "swarm-peer: interrupted while starting; nothing to save"),
+    ("bootstrap", ["--host", "127.0.0.1", "--port", "0"], "swarm-bootstrap: interrupted while starting"),
+])
+def test_ctrl_c_while_loading_is_one_line(tmp_path, entry, args, line):
+    """Ctrl+C while torch and hivemind load (the first seconds of a start): one line, no traceback."""
+    p = subprocess.run([PY, "-c", _CTRL_C_AT_IMPORT, "torch", entry, *args, "--identity" if entry == "bootstrap" else
+                        "--swarm.identity-path", str(tmp_path / "k.key")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 130, p.stdout + p.stderr
+    assert p.stderr.strip().splitlines()[-1] == line and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "k.key").exists()  # it stopped before joining anything
+
+
+@pytest.mark.parametrize("entry", ["peer.cli", "bootstrap.cli"])
+def test_help_and_flag_errors_load_neither_torch_nor_hivemind(entry):
+    """`--help` and a bad flag are answered from the config classes alone (swarm-peer --help took 3.3 s)."""
+    code = (f"import sys\nfrom {entry} import main\nfor argv in (['--help'], ['--no-such-flag']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'hivemind', 'numpy') if m in sys.modules))")
+    p = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout[-2000:] + p.stderr[-2000:]
+    assert "usage:" in p.stdout and "error: unrecognized arguments: --no-such-flag" in p.stderr

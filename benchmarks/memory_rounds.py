@@ -2,8 +2,9 @@
 
 Two in-process peers (one process, so RSS counts both) train a stack of Linear layers of
 about `--params` parameters with plain SGD, syncing every step; RSS is sampled after each
-completed round. Prints one JSON line per round and a final slope (bytes per round, fitted
-over the rounds after the first 3, when allocator pools have settled).
+completed round. Prints one JSON line per round and a final slope (MB per round, a least-squares
+fit over the rounds after the first 3, when allocator pools have settled; RSS swings by
+a few hundred MB between rounds as glibc returns and takes back large blocks).
 
     python -m benchmarks.memory_rounds --params 25e6 --rounds 12
 """
@@ -65,7 +66,9 @@ def main() -> None:
     if errors:
         raise errors[0]
     tail = rss[3:]
-    slope = (tail[-1] - tail[0]) / max(len(tail) - 1, 1) if len(tail) > 1 else float("nan")
+    mean_x, mean_y = (len(tail) - 1) / 2, sum(tail) / max(len(tail), 1)
+    var = sum((x - mean_x) ** 2 for x in range(len(tail)))
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(tail)) / var if var else float("nan")
     print(json.dumps({"params": n, "rounds": len(rss), "rss_first_gb": round(rss[0] / 1e9, 3),
                       "rss_last_gb": round(rss[-1] / 1e9, 3), "slope_mb_per_round": round(slope / 1e6, 1)}))
 

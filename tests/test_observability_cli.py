@@ -76,3 +76,18 @@ def test_damaged_ledger_stops_the_bootstrap_and_is_kept(tmp_path):
     assert p.returncode == 1
     assert f"ledger {ledger} is unreadable" in error_line(p, "swarm-bootstrap")
     assert ledger.read_text() == '{"format": "swarmtrain-ledger-v1", "peers": ['
+
+
+def test_exit_summary_for_a_terminal_is_readable_lines():
+    """On a terminal the exit summary is a few lines a person reads, not a 1,100-character JSON line."""
+    from peer.cli import format_summary
+
+    s = {"peer_id": "QmPeerPeerPeer", "rounds": 8, "rounds_failed": 1, "steps": 212, "samples": 3392,
+         "val_loss_start": 5.5512, "val_loss_final": 2.4071, "val_loss_by_round": [[0, 5.55], [8, 2.41]] * 40,
+         "val_loss_by_samples": [[0, 5.55]] * 40, "digest": "ab" * 32, "bytes_sent": 3_500_000, "wall_s": 95.3,
+         "sync_wait_s": 6.2, "compute_utilization": 0.9312, "interrupted": False}
+    text = format_summary(s, "my-run")
+    lines = text.splitlines()
+    assert 3 <= len(lines) <= 6 and max(map(len, lines)) <= 120 and "{" not in text
+    assert lines[0] == "swarm-peer: finished in run 'my-run' after 8 rounds (1 failed), 212 steps, 3,392 samples, 95 s"
+    assert "5.5512 -> 2.4071" in text and "93.1 %" in text and "3.5 MB" in text and "QmPeerPeerPeer" in text

@@ -7,8 +7,7 @@ The names below load on first use (PEP 562), so that importing a light submodule
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy import lazy_exports
 
 _WHERE = {
     "RoundResult": "allreduce", "weighted_allreduce": "allreduce",
@@ -21,13 +20,4 @@ _WHERE = {
     "OuterOptimizer": "outer", "outer_step": "outer",
 }
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'averaging' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -61,6 +61,10 @@ class _OwnedDHT(hivemind.DHT):
         # wait out a grace period. The owner handles the signal and stops them in order; if
         # it dies instead, PR_SET_PDEATHSIG below still takes this process down.
         os.setpgid(0, 0)
+        # The owner's Python signal handlers were copied by the fork: a SIGTERM to this process
+        # (hivemind's "hard way" after a failed graceful shutdown) must end it, not set an
+        # Event in a copy of the owner's memory. (hivemind itself ignores SIGINT here.)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if sys.platform.startswith("linux"):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
@@ -187,4 +191,9 @@ class SwarmDHT:
         """Stop the DHT process if this object owns it. Idempotent."""
         if self._owned and self._dht.is_alive():
             with self._lock:
-                self._dht.shutdown()
+                self._dht.shutdown()  # graceful, then SIGTERM after hivemind's grace period
+                self._dht.join(timeout=5)
+                if self._dht.is_alive():  # never leave an owner waiting on its DHT process
+                    log.warning("the DHT process did not stop; killing it")
+                    self._dht.kill()
+                    self._dht.join(timeout=5)

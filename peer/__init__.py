@@ -5,8 +5,7 @@ to parse their flags, and must not wait for torch and hivemind to do so.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from averaging.lazy import lazy_exports
 
 _WHERE = {
     "Peer": "api",
@@ -14,13 +13,4 @@ _WHERE = {
     "SyncConfig": "config", "TrainConfig": "config",
 }
 __all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'peer' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

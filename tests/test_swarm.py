@@ -1,6 +1,7 @@
 """Integration: a bootstrap node and 3 peer processes on loopback train together."""
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -45,6 +46,10 @@ def test_three_peers_train_and_agree(procs):
         # Loss at init is ~ln(256) = 5.5; a few hundred byte-level steps bring it well below.
         assert s["val_loss_final"] < s["val_loss_start"] - 1.0, (n, s)
     assert len({s["digest"] for s in sums.values()}) == 1, "peers ended with different parameters"
+    for n, p in peers.items():  # one line per completed round, not two near-identical ones
+        for r in range(1, ROUNDS + 1):
+            said = re.findall(rf"\bround {r}(?::| complete:) \d+ peers", procs.log(p))
+            assert len(said) == 1 and "complete" in said[0], (n, r, said)
 
     boot.send_signal(signal.SIGTERM)
     assert wait_exit(procs, boot, 30) == 0

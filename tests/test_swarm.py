@@ -70,7 +70,7 @@ def test_single_peer_on_own_text_files_starts_a_new_swarm(procs, tmp_path):
     assert wait_exit(procs, p, 180) == 0, procs.log(p)[-3000:]
     s = summary(procs, "solo")
     assert s["steps"] == 60 and s["rounds"] == 0 and s["rounds_failed"] >= 2
-    alone = [ln for ln in procs.log(p).splitlines() if "no other peer at this round" in ln]
+    alone = [ln for ln in procs.log(p).splitlines() if "not completed (no other peer at this round)" in ln]
     assert len(alone) == 1 and "check the run id (--swarm.run-id)" in alone[0], alone  # said once, not per attempt
     assert "text: 20 files" in procs.log(p)
 

@@ -14,7 +14,7 @@ _WHERE = {
     "Averager": "averager",
     "AveragerConfig": "config", "MatchmakingConfig": "config", "OuterConfig": "config",
     "SwarmDHT": "dht",
-    "AllReduceError": "errors", "AveragingError": "errors", "MatchmakingError": "errors", "ModelMismatchError": "errors",
+    "AccessError": "errors", "AllReduceError": "errors", "AveragingError": "errors", "MatchmakingError": "errors", "ModelMismatchError": "errors",
     "NetworkError": "errors", "StateError": "errors", "SwarmError": "errors",
     "Group": "matchmaking", "Matchmaker": "matchmaking",
     "OuterOptimizer": "outer", "outer_step": "outer",

@@ -84,14 +84,17 @@ class Averager:
                                   tamper=self.tamper, secret=self.cfg.secret)
 
     def _strike(self, result: RoundResult) -> None:
-        """One strike per round against each peer whose contribution this peer rejected;
-        `ban_after` strikes and it is banned: never grouped with again in this run."""
+        """One strike per round against each peer whose contribution this peer rejected."""
         for pid in {pid for pid, _ in result.rejected if pid != self.dht.peer_id}:
-            self.strikes[pid] += 1
-            if self.strikes[pid] >= self.cfg.ban_after and pid not in self.banned:
-                self.banned.add(pid)
-                log.warning("banned peer %s for the rest of the run: %d rounds with rejected contributions (%s)",
-                            pid[-8:], self.strikes[pid], "; ".join(sorted({why for p, why in result.rejected if p == pid})))
+            self.strike(pid, "; ".join(sorted({why for p, why in result.rejected if p == pid})))
+
+    def strike(self, pid: str, why: str) -> None:
+        """Count one offence by `pid` (a rejected contribution, a state claim no download backed);
+        `ban_after` strikes and it is banned: never grouped with again in this run."""
+        self.strikes[pid] += 1
+        if self.strikes[pid] >= self.cfg.ban_after and pid not in self.banned:
+            self.banned.add(pid)
+            log.warning("banned peer %s for the rest of the run: %d strikes (last: %s)", pid[-8:], self.strikes[pid], why)
 
     def reset_compression(self) -> None:
         """Forget error-feedback residuals (after adopting a downloaded state they are stale)."""

@@ -14,7 +14,9 @@ signed by that owner, and `get_signed` returns only owner-keyed values, by peer 
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -149,6 +151,21 @@ class SwarmDHT:
             except ValueError:  # hivemind: "No multiaddrs found" for a client that does not listen
                 return []
 
+    def redial(self, maddrs: Sequence[str], timeout: float = 5.0) -> int:
+        """Connect to each full multiaddr (…/p2p/<id>) and ping its DHT node, which puts the two
+        nodes back in each other's routing tables. Returns how many answered.
+
+        hivemind drops a node from its routing table after failed requests and never looks for
+        it again: after a link cut or a restart, two live nodes can stay invisible to each
+        other for good (hivemind issue #624). Dialing with the address also teaches p2pd where
+        the peer is, which its own routing cannot find for 198.18.0.0/15 (treated as
+        unroutable). Failure: unreachable addresses just do not count; bounded by `timeout`.
+        """
+        if not maddrs:
+            return 0
+        with self._lock:
+            return int(self._dht.run_coroutine(functools.partial(_redial, list(maddrs), timeout)))
+
     def put(self, name: str, subkey: str | bytes, value: Any, ttl: float) -> bool:
         """Store `value` under (run.name, subkey) for `ttl` seconds. Returns False if no node accepted it."""
         with self._lock:
@@ -197,3 +214,28 @@ class SwarmDHT:
                     log.warning("the DHT process did not stop; killing it")
                     self._dht.kill()
                     self._dht.join(timeout=5)
+
+
+async def _redial(maddrs: list[str], timeout: float, _dht: hivemind.DHT, node: Any) -> int:
+    """Runs inside the DHT process (hivemind's run_coroutine): dial and ping every address at once."""
+    from hivemind.p2p import PeerID
+    from multiaddr import Multiaddr
+
+    async def one(addr: str) -> bool:
+        try:
+            m = Multiaddr(addr)
+            pid = PeerID.from_base58(m.value_for_protocol("p2p"))
+        except Exception:  # py-multiaddr and base58 raise several types; a bad address is skipped
+            return False
+        if pid == node.peer_id:
+            return False
+        try:
+            await asyncio.wait_for(node.protocol.p2p._client.connect(pid, [m]), timeout)
+        except Exception:  # unreachable or refused: the ping below says whether it answers at all
+            pass
+        try:
+            return await asyncio.wait_for(node.protocol.call_ping(pid), timeout) is not None
+        except asyncio.TimeoutError:
+            return False
+
+    return sum(await asyncio.gather(*(one(a) for a in maddrs)))

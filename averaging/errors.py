@@ -6,7 +6,8 @@
     │   └── AllReduceError          the transfer failed or its result failed verification
     ├── StateError                  a model state (checkpoint or download) is unusable
     │   └── ModelMismatchError      the model's parameter schema differs from the swarm's
-    └── NetworkError                the DHT could not be started or reached
+    ├── NetworkError                the DHT could not be started or reached
+    └── AccessError                 a private run refused this peer (wrong or missing credential)
 
 Configuration errors are ValueErrors (see peer.configlib.ConfigError), so that
 `__post_init__` validation reads like ordinary Python.
@@ -40,3 +41,8 @@ class ModelMismatchError(StateError):
 
 class NetworkError(SwarmError):
     """The DHT could not be started, or none of the initial peers answered."""
+
+
+class AccessError(SwarmError):
+    """The run's nodes refused this peer's records: it is a private run and this peer's secret
+    or key does not match. Raised at start, within a bounded time, instead of training alone."""

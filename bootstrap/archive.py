@@ -17,7 +17,7 @@ from torch.distributed import TCPStore
 from averaging.dht import SwarmDHT
 from averaging.errors import StateError
 from averaging.flat import tensor_digest
-from peer.membership import Announcer, PeerRecord, consensus, donors_for, live_peers
+from peer.membership import Announcer, PeerRecord, better_states, donors_for, live_peers
 from peer.state import CheckpointDir, SwarmState
 from peer.transfer import StateServer, download_state
 
@@ -34,6 +34,9 @@ class Archivist:
         self.announce_host = announce_host
         self.timeout = timeout
         self.state: SwarmState | None = None
+        self._unbacked: set[tuple[str, int, str]] = set()  # (peer id, round, digest) claims no download backed
+        self._digest_of: SwarmState | None = None  # the state whose digest _digest_value is
+        self._digest_value = ""
         latest = self.ckpts.latest()
         if latest is not None:  # a damaged newest checkpoint is reported, never overwritten
             self.state = CheckpointDir.load(latest, fingerprint=None, numel=None)
@@ -46,11 +49,18 @@ class Archivist:
             self._announce()
         self._announcer.start()
 
+    def _digest(self) -> str:
+        """sha256 of the archived θ_sync, computed once per state (a 100M model takes ~1 s)."""
+        assert self.state is not None
+        if self._digest_of is not self.state:
+            self._digest_of, self._digest_value = self.state, tensor_digest(self.state.theta_sync)
+        return self._digest_value
+
     def _announce(self) -> None:
         assert self.state is not None
         self._announcer.update(PeerRecord(
             round=self.state.round, fingerprint=self.state.fingerprint, schema="archive",
-            digest=tensor_digest(self.state.theta_sync), host=self.announce_host, port=self._store.port,
+            digest=self._digest(), host=self.announce_host, port=self._store.port,
             samples=0, role="archivist", version="archivist",
         ), now=True)
 
@@ -59,17 +69,23 @@ class Archivist:
 
         Failure behaviour: a failed download is logged and retried at the next poll.
         """
-        trainers = [r for r in live_peers(self.dht).values() if r.role == "trainer"]
-        agreed = consensus(trainers)
-        if agreed is None or (self.state is not None and agreed[0] <= self.state.round):
-            return False
-        top, digest = agreed
-        donors = donors_for(trainers, top, digest)
-        fingerprint = donors[0].fingerprint if donors else None
-        try:
-            state = download_state(donors, fingerprint=fingerprint or "", numel=None, timeout=self.timeout)
-        except StateError as e:
-            log.warning("archive: could not fetch round %d: %s", top, e)
+        trainers = [r for r in live_peers(self.dht).values() if r.role == "trainer"
+                    and (r.peer_id, r.round, r.digest) not in self._unbacked]
+        mine = (self.state.round, self._digest()) if self.state is not None else (-1, "")
+        # Newer states only, best supported first (one record claiming round 1023 is not the swarm).
+        for top, digest, supporters in better_states(trainers, *mine):
+            if top <= mine[0]:
+                continue
+            donors = donors_for(trainers, top, digest)
+            try:
+                state = download_state(donors, fingerprint=donors[0].fingerprint if donors else "", numel=None,
+                                       timeout=self.timeout)
+            except StateError as e:
+                log.warning("archive: could not fetch round %d: %s", top, e)
+                self._unbacked.update((pid, top, digest) for pid in supporters)
+                continue
+            break
+        else:
             return False
         path = self.ckpts.save(state)
         self.state = state

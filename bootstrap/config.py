@@ -53,6 +53,12 @@ class BootstrapConfig:
             raise ValueError(f"poll_every must be > 0, got {self.poll_every}")
 
     @property
+    def contacts_path(self) -> str:
+        """Where the node keeps the addresses of the peers it has seen, beside its identity file:
+        restarted, it calls them back at once, so the swarm it served finds it again."""
+        return str(Path(self.identity).with_suffix(".contacts"))
+
+    @property
     def ledger_path(self) -> str:
         """The ledger file ('' = memory only). The default sits beside the identity file, so two
         bootstrap nodes started in one directory, each with its own key, never share a ledger."""

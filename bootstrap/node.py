@@ -15,7 +15,7 @@ from averaging.access import Allowlist, load_credential
 from averaging.dht import SwarmDHT
 from averaging.errors import StateError
 from averaging.identity import ensure_identity
-from peer.membership import record_validator
+from peer.membership import Rediscovery, record_validator
 
 from .archive import Archivist
 from .config import BootstrapConfig
@@ -35,6 +35,7 @@ class BootstrapNode:
         self.archivist: Archivist | None = None
         self.monitor: RunMonitor | None = None
         self.dashboard: Dashboard | None = None
+        self.rediscovery: Rediscovery | None = None
 
     def start(self) -> list[str]:
         """Start the DHT node (and dashboard); return its multiaddrs.
@@ -60,6 +61,8 @@ class BootstrapNode:
             identity_path=self.cfg.identity, record_validators=[record_validator(self.cfg.run_id)], secret=credential,
         )
         maddrs = self.dht.visible_maddrs()
+        self.rediscovery = Rediscovery(self.dht, initial=list(self.cfg.initial_peers), contacts_file=self.cfg.contacts_path)
+        self.rediscovery.start()
         self.monitor = RunMonitor(self.dht, self.cfg.run_id, ledger)
         if self.cfg.dashboard >= 0:
             self.dashboard = Dashboard(self.monitor, self.cfg.dashboard_host or self.cfg.host, self.cfg.dashboard)
@@ -125,6 +128,9 @@ class BootstrapNode:
         if self.archivist is not None:
             self.archivist.close()
             self.archivist = None
+        if self.rediscovery is not None:
+            self.rediscovery.close()
+            self.rediscovery = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None

@@ -36,14 +36,15 @@ from averaging.allreduce import RoundResult
 from averaging.averager import Averager
 from averaging.dht import SwarmDHT, dht_time
 from averaging.access import Allowlist, load_credential
-from averaging.errors import ModelMismatchError, StateError
+from averaging.errors import AccessError, ModelMismatchError, StateError
 from averaging.identity import ensure_identity, load_identity
 from averaging.faults import Tamper
 from averaging.flat import describe_schema, flatten_params, parameter_schema, schema_fingerprint, tensor_digest, write_flat_
 from averaging.outer import OuterOptimizer
 
 from .config import PeerConfig
-from .membership import RECENT_ROUNDS, Announcer, PeerRecord, RoundOutcome, consensus, donors_for, live_peers, record_validator
+from .membership import (MAX_MADDRS, RECENT_ROUNDS, Announcer, PeerRecord, Rediscovery, RoundOutcome, better_states,
+                         donors_for, live_peers, record_validator)
 from .schedule import ComputeClock, SyncSchedule
 from .state import CheckpointDir, SwarmState
 from .transfer import StateServer, download_state
@@ -114,6 +115,7 @@ class Peer:
         self._rate_window: deque[tuple[float, int]] = deque()  # (time, total samples), last ~30 s
         self._outcomes: deque[RoundOutcome] = deque(maxlen=RECENT_ROUNDS)  # published with the metrics
         self._alone = _AloneNotice()
+        self._unbacked: set[tuple[str, int, str]] = set()  # (peer id, round, digest) claims no download backed
         # The last HISTORY_ROUNDS sync attempts, without their mean Δ: a long run must not keep
         # one parameter vector per round (100M parameters = 0.4 GB a round).
         self.history: deque[RoundResult] = deque(maxlen=HISTORY_ROUNDS)
@@ -127,6 +129,9 @@ class Peer:
         self._dht: SwarmDHT | None = None
         self._averager: Averager | None = None
         self._announcer: Announcer | None = None
+        self._rediscovery: Rediscovery | None = None
+        self._maddrs: tuple[str, ...] = ()
+        self._catch_up: tuple[int, str] = (0, "")  # the state being downloaded, announced (see _announce_catch_up)
         self._server: StateServer | None = None
         self._ckpt = CheckpointDir(self.config.checkpoint.dir, self.config.checkpoint.keep_last) if self.config.checkpoint.dir else None
         self._set_state(SwarmState(0, self.fingerprint, self.outer.theta_sync, None))
@@ -168,14 +173,42 @@ class Peer:
         if self._averager.matchmaker.store is not None:  # client-mode peers cannot serve state
             self._server = StateServer(self._averager.matchmaker.store, lambda: self._state)
             self._server.start()
+        self._maddrs = () if sw.client_mode else tuple(self._dht.visible_maddrs())[:MAX_MADDRS]
         self._announcer = Announcer(self._dht, period=sw.announce_period, ttl=sw.peer_ttl, metrics=self.metrics)
         self._announcer.update(self._record())
-        self._announcer.publish()
+        self._first_announce(secret)
         self._announcer.start()
+        self._rediscovery = Rediscovery(self._dht, initial=list(sw.initial_peers))
+        self._rediscovery.start()
         self._reconcile(startup=True)
         log.info("peer %s joined run %r: %s, round %d", self.peer_id[-8:], sw.run_id, describe_schema(self.schema), self.round)
         if not sw.client_mode:
             log.info("others can join through this peer: %s", " ".join(self._dht.visible_maddrs()))
+
+    def _first_announce(self, credential: object, attempts: int = 3) -> None:
+        """Publish this peer's record; raise AccessError if the run's nodes keep refusing it.
+
+        A private run's nodes reject every record without the run's proof, so an outsider
+        would otherwise "join", see nobody, and train alone forever. Bounded: `attempts`
+        tries, `announce_period` apart. A node that joined through nobody stores its own
+        record, so a first peer is never refused.
+        """
+        assert self._announcer is not None
+        sw = self.config.swarm
+        for attempt in range(attempts):
+            if self._announcer.publish() or not sw.initial_peers:
+                return
+            if attempt + 1 < attempts:
+                time.sleep(sw.announce_period)
+        if isinstance(credential, Allowlist):
+            why = (f"this peer's id {self.peer_id} is not on the run's allowlist, or the run uses another list "
+                   f"(--swarm.allowlist-file {sw.allowlist_file}); send the id to the run's operator")
+        elif credential is not None:
+            why = f"the run does not accept this secret: check --swarm.secret-file {sw.secret_file}"
+        else:
+            why = ("it is a private run and this peer has no credential: pass the run's secret with "
+                   "--swarm.secret-file, or its allowlist with --swarm.allowlist-file and your key with --swarm.identity-path")
+        raise AccessError(f"the run {sw.run_id!r} refused this peer's records: {why}")
 
     def close(self, save: bool = True) -> None:
         """Leave the swarm: stop background threads and the DHT, save a final checkpoint. Idempotent."""
@@ -191,12 +224,12 @@ class Peer:
             self._pool.shutdown(wait=True)
         if save and self._server is not None and self._dht is not None:
             self._hand_off()
-        for part in (self._announcer, self._server, self._averager):
+        for part in (self._rediscovery, self._announcer, self._server, self._averager):
             if part is not None:
                 part.close()
         # Drop the parts: the matchmaker's TCPStore listens until its last reference is gone,
         # and a Peer that lives on (history, summary) must not keep the port open.
-        self._announcer = self._server = None
+        self._announcer = self._server = self._rediscovery = None
         if self._dht is not None:
             self._dht.shutdown()
         if save and self._ckpt is not None and self.round > 0:
@@ -445,6 +478,7 @@ class Peer:
             self._announcer.update(self._record(), now=True)
 
     def _adopt(self, state: SwarmState, source: str) -> None:
+        self._catch_up = (0, "")  # announced with the new state by _set_state below
         self.outer.load_state_dict({"theta_sync": state.theta_sync, "momentum_buf": state.momentum_buf})
         write_flat_(self._params, self.outer.theta_sync.to(self.device))
         self.round = state.round
@@ -472,7 +506,8 @@ class Peer:
             round=self.round, fingerprint=self.fingerprint, schema=describe_schema(self.schema), digest=self.digest,
             host=self.announce_host, port=self._averager.matchmaker.port if self._averager else 0,
             step=self.local_step, samples=self.total_samples, loss=self.last_loss,
-            device=self.device.type, version=VERSION, incarnation=self.incarnation,
+            device=self.device.type, version=VERSION, incarnation=self.incarnation, maddrs=self._maddrs,
+            catch_up_round=self._catch_up[0], catch_up_digest=self._catch_up[1],
         )
 
     def _meeting_key(self) -> str:
@@ -488,8 +523,10 @@ class Peer:
 
     def _expected_group_size(self) -> int:
         banned = self._averager.banned if self._averager is not None else set()
+        here = (self.round, self.digest)
+        # Peers at this state, and peers downloading it to join this round (they announce it).
         same = [r for r in self._others() if r.role == "trainer" and r.fingerprint == self.fingerprint
-                and r.round == self.round and r.digest == self.digest and r.peer_id not in banned]
+                and here in ((r.round, r.digest), (r.catch_up_round, r.catch_up_digest)) and r.peer_id not in banned]
         return 1 + len(same)
 
     def _check_compatible(self) -> None:
@@ -501,26 +538,60 @@ class Peer:
                 f"(fingerprint {self.fingerprint}), the swarm has {theirs[1]} (fingerprint {theirs[0]})"
             )
 
-    def _reconcile(self, startup: bool = False) -> None:
+    def _reconcile(self, startup: bool = False, passes: int = 3) -> None:
         """If the swarm is ahead of us, or agrees on a different θ_sync at our round, download its state.
 
-        The swarm's state is the majority digest among peers at the highest round (ties:
-        smallest digest, so every peer picks the same one).
+        The swarm's state is what most live peers announce (membership.better_states), not
+        the highest round any one record claims. When a download fails, the records are read
+        again: a supporter that has moved on was a stale view (nothing to hold against it);
+        one that still announces the state no download could back is a liar, or broken: its
+        claim is dropped for good and it gets a strike (repeat offenders are banned, as for
+        rejected contributions). So one lying record cannot strand a joiner. Bounded: at
+        most `passes` downloads per call; the next failed round calls again.
         """
-        peers = [r for r in self._others() if r.fingerprint == self.fingerprint]
-        if not peers or max(r.round for r in peers) < self.round:
+        for _ in range(passes):
+            peers = [r for r in self._others() if r.fingerprint == self.fingerprint
+                     and (r.peer_id, r.round, r.digest) not in self._unbacked]
+            if not peers or max(r.round for r in peers) < self.round:
+                return
+            states = better_states([*peers, self._record()], self.round, self.digest)
+            if not states:
+                return
+            round_, digest, supporters = states[0]
+            donors = donors_for(peers, round_, digest)
+            self._announce_catch_up(round_, digest)
+            try:
+                state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
+                                       timeout=self.config.sync.join_timeout * 4)
+            except StateError as e:
+                self._announce_catch_up(0, "")
+                log.warning("could not catch up with round %d announced by %d peer(s): %s", round_, len(supporters), e)
+                self._drop_unbacked(round_, digest)
+                continue
+            self._adopt(state, f"downloaded from peer {donors[0].peer_id[-8:]}" + (" at startup" if startup else ""))
+            self.schedule.after_next_step()  # the peers at this state are waiting for us in their next round
             return
-        top, best = consensus([*peers, self._record()])  # type: ignore[misc]
-        if top == self.round and best == self.digest:
-            return
-        donors = donors_for(peers, top, best)
-        try:
-            state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
-                                   timeout=self.config.sync.join_timeout * 4)
-        except StateError as e:
-            log.warning("could not catch up with the swarm (round %d): %s", top, e)
-            return
-        self._adopt(state, f"downloaded from peer {donors[0].peer_id[-8:]}" + (" at startup" if startup else ""))
+
+    def _drop_unbacked(self, round_: int, digest: str) -> None:
+        """After a failed download of (round_, digest): strike and ignore the peers that still claim it."""
+        still = [r.peer_id for r in self._others() if (r.round, r.digest) == (round_, digest)]
+        if len(self._unbacked) > 10_000:  # bounded: forget old claims rather than grow for ever
+            self._unbacked.clear()
+        for pid in still:
+            self._unbacked.add((pid, round_, digest))
+            if self._averager is not None:
+                self._averager.strike(pid, f"announced round {round_} that no download could back")
+
+    def _announce_catch_up(self, round_: int, digest: str) -> None:
+        """Tell the swarm (now, before a download that may take longer than a round) which state
+        this peer is fetching, so the peers there wait for it; (0, "") when done or failed."""
+        self._catch_up = (round_, digest)
+        if self._announcer is not None:
+            self._announcer.update(self._record())
+            try:
+                self._announcer.publish()
+            except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; the download goes on
+                log.debug("could not announce the catch-up: %s", e)
 
 
 def _detect_announce_host(listen_host: str, maddrs: list[str]) -> str:

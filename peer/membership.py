@@ -15,8 +15,11 @@ What a peer says about *itself* (samples, loss) is still its own claim: see docs
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, Literal, Optional
 
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PEERS_KEY = "peers"
 RECENT_ROUNDS = 5  # round outcomes each record carries (the monitor keeps the longer history)
+MAX_MADDRS = 8  # multiaddrs a record carries (where to re-dial this peer's DHT node)
 
 # ---------------------------------------------------------------- the record's schema
 # Strict types throughout: SchemaValidator rejects a record that needs any conversion
@@ -70,6 +74,9 @@ class _PeerSchema(pd.BaseModel):
     bytes_recv: _Count
     flops_per_sample: _Seconds
     incarnation: _Str
+    maddrs: pd.conlist(_Str, max_items=MAX_MADDRS)
+    catch_up_round: _Count
+    catch_up_digest: _Str
     recent: pd.conlist(_RoundSchema, max_items=RECENT_ROUNDS)
 
     class Config:
@@ -132,12 +139,22 @@ class PeerRecord:
     # A random token drawn when the peer process (the Peer object) starts: the counters above
     # run from zero within one incarnation, so a new token, not a smaller number, is a restart.
     incarnation: str = ""
+    # The peer's DHT multiaddrs (/ip4/…/tcp/…/p2p/<id>; none for a client): where anyone who
+    # saw this record can re-dial it after a link cut or a restart (Rediscovery).
+    maddrs: tuple[str, ...] = ()
+    # Set while this peer downloads the state (catch_up_round, catch_up_digest): peers at that
+    # state count it in for their next round and wait for it (up to their matchmaking window),
+    # so a joiner whose download is longer than a round period still gets in, instead of
+    # landing one round behind at every download. 0 / "" otherwise.
+    catch_up_round: int = 0
+    catch_up_digest: str = ""
     recent: tuple[RoundOutcome, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("peer_id")
         d["recent"] = [asdict(o) for o in self.recent]
+        d["maddrs"] = list(self.maddrs)
         return d
 
     @classmethod
@@ -153,6 +170,7 @@ class PeerRecord:
         if d != rec:  # pydantic converted something (e.g. 3 -> 3.0): not a valid record
             return None
         d["recent"] = tuple(RoundOutcome(**o) for o in d["recent"])
+        d["maddrs"] = tuple(d["maddrs"])
         return cls(peer_id=peer_id, **d)
 
 
@@ -183,6 +201,26 @@ def consensus(records: list[PeerRecord]) -> tuple[int, str] | None:
     top = max(r.round for r in records)
     votes = Counter(r.digest for r in records if r.round == top)
     return top, min(votes, key=lambda d: (-votes[d], d))
+
+
+def better_states(records: list[PeerRecord], round_: int, digest: str) -> list[tuple[int, str, tuple[str, ...]]]:
+    """States a node at (round_, digest) should move to, best first: (round, digest, supporters).
+
+    The swarm's state is what most peers say, not the highest round anyone claims: one
+    peer's record can claim round 1023 with a digest nobody can serve, and a joiner that
+    believed it would be stranded. So states are ranked by how many peers announce them,
+    then by round (newer first), then by digest (smallest first, so every node that sees the
+    same records ranks them the same way). Only states ahead of `round_`, or at `round_`
+    and ranked above `digest`, are returned; the caller tries them in order and drops a
+    claim no download can back. `records` may include the caller's own.
+    """
+    support: dict[tuple[int, str], list[str]] = {}
+    for r in records:
+        support.setdefault((r.round, r.digest), []).append(r.peer_id)
+    rank = sorted(support, key=lambda k: (-len(support[k]), -k[0], k[1]))
+    mine = rank.index((round_, digest)) if (round_, digest) in rank else len(rank)
+    return [(rd, dg, tuple(support[(rd, dg)])) for i, (rd, dg) in enumerate(rank)
+            if rd > round_ or (rd == round_ and dg != digest and i < mine)]
 
 
 def donors_for(records: list[PeerRecord], round_: int, digest: str) -> list[PeerRecord]:
@@ -220,16 +258,20 @@ class Announcer:
         if now:
             self._wake.set()
 
-    def publish(self, **override: Any) -> None:
-        """Store the current record now, in the caller's thread (`override`: fields to replace)."""
+    def publish(self, **override: Any) -> bool:
+        """Store the current record now, in the caller's thread (`override`: fields to replace).
+        Returns whether any DHT node accepted it (a private run's nodes refuse an outsider's)."""
         with self._lock:
             rec = self._record
-        if rec is not None:
-            rec = replace(rec, **override)
-            fresh = self._metrics() if self._metrics is not None else {}
-            rec = replace(rec, **fresh, t=dht_time())
-            if not self.dht.put_signed(PEERS_KEY, rec.to_record(), ttl=self.ttl):
-                log.debug("no DHT node accepted this peer's record (will retry)")
+        if rec is None:
+            return False
+        rec = replace(rec, **override)
+        fresh = self._metrics() if self._metrics is not None else {}
+        rec = replace(rec, **fresh, t=dht_time())
+        if not self.dht.put_signed(PEERS_KEY, rec.to_record(), ttl=self.ttl):
+            log.debug("no DHT node accepted this peer's record (will retry)")
+            return False
+        return True
 
     def start(self) -> None:
         self._thread.start()
@@ -254,3 +296,115 @@ class Announcer:
             self.publish(role="left")
         except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; leaving goes on
             log.warning("could not withdraw this peer's record from the DHT (it expires by itself): %s", e)
+
+
+class Rediscovery:
+    """Background thread that keeps this node in the swarm after link cuts and restarts.
+
+    It remembers every address it learns (the initial peers, and the `maddrs` of every
+    record it reads; optionally saved to `contacts_file` so a restarted bootstrap node
+    knows whom to call back) and re-dials them through `SwarmDHT.redial`:
+
+      - the addresses of peers it saw recently but does not see now, whenever it sees fewer
+        live peers than it did within `window` seconds, or none;
+      - the initial peers every `initial_every` seconds, whatever it sees (a bootstrap node
+        restarted with the same address is then found again).
+
+    hivemind's DHT has no such loop: a node that failed to reach another drops it from its
+    routing table and never looks for it again. Bound: after a link or a node comes back,
+    the next check (every `period` seconds) re-dials it. Failure behaviour: DHT errors are
+    logged at DEBUG and retried at the next check; the thread never dies of them.
+    Owned by a Peer or a BootstrapNode: `start()`, `close()`.
+    """
+
+    MAX_CONTACTS = 256
+
+    def __init__(self, dht: SwarmDHT, *, initial: list[str], period: float = 5.0, window: float = 120.0,
+                 initial_every: float = 30.0, contacts_file: str | None = None) -> None:
+        self.dht = dht
+        self.period, self.window, self.initial_every = period, window, initial_every
+        self._initial = list(initial)
+        self._contacts: dict[str, tuple[float, tuple[str, ...]]] = {}  # peer id -> (last seen, maddrs)
+        self._counts: deque[tuple[float, int]] = deque()  # (time, live peers) over the last `window`
+        self._file = Path(contacts_file) if contacts_file else None
+        self._saved: set[str] = set()
+        self._last_initial = 0.0
+        self.redials = 0  # addresses dialed so far (for logs and tests)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="swarmtrain-rediscovery", daemon=True)
+        for addr in self._load():
+            self._initial.append(addr)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=15)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.check()
+            except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; check again later
+                log.debug("rediscovery check failed: %s", e)
+
+    def check(self, now: float | None = None) -> int:
+        """One look at the run's records, and the re-dials it calls for. Returns how many answered."""
+        now = time.monotonic() if now is None else now
+        records = announced_peers(self.dht)
+        me = self.dht.peer_id
+        live = {pid for pid, r in records.items() if r.role != "left" and pid != me}
+        for pid, r in records.items():
+            if pid == me:
+                continue
+            if r.role == "left" or not r.maddrs:
+                self._contacts.pop(pid, None)  # gone for good, or not reachable (client mode)
+            else:
+                self._contacts[pid] = (now, r.maddrs)
+        if len(self._contacts) > self.MAX_CONTACTS:
+            for pid, _ in sorted(self._contacts.items(), key=lambda kv: kv[1][0])[: len(self._contacts) - self.MAX_CONTACTS]:
+                del self._contacts[pid]
+        self._counts.append((now, len(live)))
+        while self._counts and now - self._counts[0][0] > self.window:
+            self._counts.popleft()
+        targets: list[str] = []
+        if not live or len(live) < max(n for _, n in self._counts):
+            targets += [a for pid, (seen, maddrs) in self._contacts.items()
+                        if pid not in live and now - seen <= self.window for a in maddrs]
+        if not live or now - self._last_initial >= self.initial_every:
+            self._last_initial = now
+            targets += self._initial
+        self._save()
+        if not targets:
+            return 0
+        answered = self.dht.redial(list(dict.fromkeys(targets)))
+        self.redials += len(targets)
+        log.debug("re-dialed %d address(es), %d answered (%d live peers)", len(targets), answered, len(live))
+        return answered
+
+    def _load(self) -> list[str]:
+        if self._file is None or not self._file.exists():
+            return []
+        try:
+            addrs = [a.strip() for a in self._file.read_text().splitlines() if a.strip().startswith("/")]
+        except OSError as e:
+            log.warning("could not read the saved contacts %s: %s", self._file, e)
+            return []
+        return addrs[: self.MAX_CONTACTS]
+
+    def _save(self) -> None:
+        """Keep the contacts' addresses on disk (atomic), so that a restarted node can call them back."""
+        if self._file is None:
+            return
+        addrs = {a for _, maddrs in self._contacts.values() for a in maddrs}
+        if not addrs or addrs == self._saved:
+            return
+        tmp = self._file.with_name(f".{self._file.name}.tmp")
+        try:
+            tmp.write_text("\n".join(sorted(addrs)) + "\n")
+            os.replace(tmp, self._file)
+            self._saved = addrs
+        except OSError as e:
+            log.warning("could not save the contacts to %s: %s", self._file, e)

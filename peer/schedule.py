@@ -34,6 +34,11 @@ class SyncSchedule:
         now = time.time() if now is None else now
         return self.steps_since_sync >= self._next_step or now >= self._next_time
 
+    def after_next_step(self) -> None:
+        """Make the next sync due after one more step (a peer that just caught up joins the
+        round its swarm is waiting in, with one step of its own work)."""
+        self._next_step = self.steps_since_sync + 1
+
     def done(self, ok: bool, now: float | None = None) -> None:
         """Record the outcome of a sync attempt."""
         now = time.time() if now is None else now

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,11 +31,14 @@ class Procs:
         self.tmp = tmp
         self.started: list[subprocess.Popen] = []
 
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], *, netns: str | None = None) -> subprocess.Popen:
+        """`python ARGS` in its own process group (in network namespace `netns` if given)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd = [PY, *args]
+        if netns is not None:  # gloo must use the namespace's link, not its loopback
+            cmd, env = ["ip", "netns", "exec", netns, *cmd], {**env, "GLOO_SOCKET_IFNAME": "eth0"}
         log = open(self.tmp / f"{name}.log", "wb")
-        p = subprocess.Popen([PY, *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                             start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
         p.name, p.logfile = name, self.tmp / f"{name}.log"  # type: ignore[attr-defined]
         self.started.append(p)
         return p
@@ -94,6 +98,59 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+NEEDS_NETNS = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+                                 reason="needs root, ip and tc (network namespaces)")
+
+
+class Wan:
+    """`n` emulated hosts in network namespaces <prefix>0.. behind one bridge (namespace
+    <prefix>sw), host i at 198.18.1.(i+1)/24 on its eth0, both directions of every link
+    shaped with tc tbf (this kernel has no netem: no delay). Only 198.18.0.0/15 (RFC 2544)
+    is used, and nothing is created in the caller's namespace. `cut(i)` / `restore(i)` take
+    host i's link down and up; `close()` deletes every namespace of the prefix."""
+
+    def __init__(self, prefix: str, n: int, rate: str = "100mbit") -> None:
+        self.prefix, self.n = prefix, n
+        self.hosts = [f"{prefix}{i}" for i in range(n)]
+        self.addrs = [f"198.18.1.{i + 1}" for i in range(n)]
+        self.close()
+        sw = f"{prefix}sw"
+        try:
+            _sh("ip", "netns", "add", sw)
+            _sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+            _sh("ip", "-n", sw, "link", "set", "br0", "up")
+            for i, ns in enumerate(self.hosts):
+                _sh("ip", "netns", "add", ns)
+                _sh("ip", "-n", sw, "link", "add", f"h{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+                _sh("ip", "-n", sw, "link", "set", f"h{i}", "master", "br0", "up")
+                _sh("ip", "-n", ns, "addr", "add", f"{self.addrs[i]}/24", "dev", "eth0")
+                _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+                _sh("ip", "-n", ns, "link", "set", "lo", "up")
+                for where, dev in ((ns, "eth0"), (sw, f"h{i}")):
+                    _sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                        "rate", rate, "burst", "256kb", "latency", "400ms")
+        except BaseException:
+            self.close()
+            raise
+
+    def cut(self, i: int) -> None:
+        _sh("ip", "-n", f"{self.prefix}sw", "link", "set", f"h{i}", "down")
+
+    def restore(self, i: int) -> None:
+        _sh("ip", "-n", f"{self.prefix}sw", "link", "set", f"h{i}", "up")
+
+    def close(self) -> None:
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            name = line.split()[0] if line.strip() else ""
+            if name.startswith(self.prefix) and (name[len(self.prefix):].isdigit() or name == f"{self.prefix}sw"):
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def _sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ import time
 import pytest
 import torch
 
-from .conftest import summary, wait_exit, wait_for
+from .conftest import free_port, summary, wait_exit, wait_for
 
 PEERS, ROUNDS, H = 4, 10, 20
 KILL_AT_ROUNDS = (2, 4, 6)  # the driver kills one random peer when the swarm reaches each of these
+BOOT_RESTART_AT = 5  # ... and SIGKILLs the bootstrap node (archivist) here, restarting it with the same identity and port
 
 
 def swarm_round(procs, names) -> int:
@@ -23,8 +24,9 @@ def swarm_round(procs, names) -> int:
 def run_swarm(procs, tag: str, chaos: bool) -> dict:
     # The bootstrap node archives the swarm's state: a peer restarted after the others have
     # finished (a restart takes a few seconds, rounds here take ~2 s) can still catch up from it.
-    boot, addr = procs.bootstrap(f"{tag}-boot", "--checkpoint-dir", str(procs.tmp / f"{tag}-archive"),
-                                 "--archive-every", "1")
+    boot_args = ["--checkpoint-dir", str(procs.tmp / f"{tag}-archive"), "--archive-every", "1", "--port", str(free_port())]
+    boot_key = procs.tmp / f"{tag}-boot.key"
+    boot, addr = procs.bootstrap(f"{tag}-boot", *boot_args, identity=boot_key)
     procs.by_name = getattr(procs, "by_name", {})
     args = ["--sync.every-steps", str(H), "--train.max-rounds", str(ROUNDS), "--train.seed", "0",
             "--train.max-steps", "2000", "--sync.matchmaking-window", "10", "--sync.allreduce-timeout", "10"]
@@ -40,8 +42,16 @@ def run_swarm(procs, tag: str, chaos: bool) -> dict:
     kills = []
     if chaos:
         rng = random.Random(1234)
-        for target_round in KILL_AT_ROUNDS:
+        for target_round in sorted({*KILL_AT_ROUNDS, BOOT_RESTART_AT}):
             wait_for(lambda: swarm_round(procs, current.values()) >= target_round, 240, f"round {target_round}")
+            if target_round == BOOT_RESTART_AT:  # the entry point crashes and comes back at the same address
+                boot.send_signal(signal.SIGKILL)
+                boot.wait(timeout=30)
+                boot, addr2 = procs.bootstrap(f"{tag}-boot-r", *boot_args, identity=boot_key)
+                assert addr2 == addr
+                kills.append((target_round, f"{tag}-boot"))
+                if target_round not in KILL_AT_ROUNDS:
+                    continue
             i = rng.randrange(PEERS)
             victim = procs.by_name[current[i]]
             victim.send_signal(signal.SIGKILL)
@@ -63,7 +73,7 @@ def run_swarm(procs, tag: str, chaos: bool) -> dict:
 def test_chaos_random_kills_with_resume(procs, capsys):
     calm = run_swarm(procs, "calm", chaos=False)
     wild = run_swarm(procs, "wild", chaos=True)
-    assert len(wild["kills"]) == len(KILL_AT_ROUNDS)
+    assert len(wild["kills"]) == len(KILL_AT_ROUNDS) + 1  # + the bootstrap node
     for run in (calm, wild):
         sums = run["sums"]
         assert all(s["rounds"] == ROUNDS for s in sums.values()), sums

@@ -461,6 +461,7 @@ VALID_PEER_RECORDS = st.fixed_dictionaries({
     "device": _STR, "version": _STR, "t": _FINITE, "role": st.sampled_from(["trainer", "archivist"]),
     "samples_per_s": _SECONDS, "compute_s": _SECONDS, "rounds_ok": _COUNT, "rounds_failed": _COUNT,
     "bytes_sent": _COUNT, "bytes_recv": _COUNT, "flops_per_sample": _SECONDS, "incarnation": _STR,
+    "maddrs": st.lists(_STR, max_size=8), "catch_up_round": _COUNT, "catch_up_digest": _STR,
     "recent": st.lists(ROUND_OUTCOMES, max_size=5),
 })
 # Values a field can be mutated to: anything msgpack carries, plus near-misses of the schema.

@@ -5,54 +5,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
 
-from .conftest import PY, REPO
+from .conftest import NEEDS_NETNS, PY, REPO, Wan
 
 PREFIX = "swt"  # distinct from the benchmark's "swb" namespaces
 N = 3
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
-                                reason="needs root, ip and tc (network namespaces)")
-
-
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-def teardown() -> None:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        name = line.split()[0] if line.strip() else ""
-        if name.startswith(PREFIX):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+pytestmark = NEEDS_NETNS
 
 
 @pytest.fixture
 def wan():
     """N hosts 198.18.1.(i+1) behind a bridge, both directions of each link shaped to 100 Mbit/s."""
-    teardown()
-    sw = f"{PREFIX}sw"
+    w = Wan(PREFIX, N)
     try:
-        sh("ip", "netns", "add", sw)
-        sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", sw, "link", "set", "br0", "up")
-        for i in range(N):
-            ns = f"{PREFIX}{i}"
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", sw, "link", "add", f"h{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh("ip", "-n", sw, "link", "set", f"h{i}", "master", "br0", "up")
-            sh("ip", "-n", ns, "addr", "add", f"198.18.1.{i + 1}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            for where, dev in ((ns, "eth0"), (sw, f"h{i}")):
-                sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                   "rate", "100mbit", "burst", "256kb", "latency", "400ms")
-        yield [f"{PREFIX}{i}" for i in range(N)]
+        yield w.hosts
     finally:
-        teardown()
+        w.close()
 
 
 def run_workers(wan, numel: int, timeout: float, victim_dies_after: float | None):

@@ -208,7 +208,8 @@ class Peer:
         else:
             why = ("it is a private run and this peer has no credential: pass the run's secret with "
                    "--swarm.secret-file, or its allowlist with --swarm.allowlist-file and your key with --swarm.identity-path")
-        raise AccessError(f"the run {sw.run_id!r} refused this peer's records: {why}")
+        raise AccessError(f"the run {sw.run_id!r} refused this peer's records: {why} (or the run's nodes run "
+                          f"another swarmtrain version than this one, {VERSION})")
 
     def close(self, save: bool = True) -> None:
         """Leave the swarm: stop background threads and the DHT, save a final checkpoint. Idempotent."""

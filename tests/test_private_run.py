@@ -14,7 +14,7 @@ from averaging.access import SecretValidator, generate_secret_file, load_secret_
 from averaging.allreduce import weighted_allreduce
 from averaging.averager import Averager, AveragerConfig
 from averaging.dht import SwarmDHT
-from averaging.errors import StateError
+from averaging.errors import AccessError, StateError
 from averaging.matchmaking import Group, MatchmakingConfig
 from peer import Peer, PeerConfig, SwarmConfig, SyncConfig
 from peer.membership import PEERS_KEY, live_peers, record_validator
@@ -117,9 +117,12 @@ def test_private_swarm_trains_and_refuses_outsiders(secrets):
                     x = torch.randn(16, 4, generator=g)
                     peer.step(nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)), samples=16)
                 out[name] = (peer.peer_id, peer.round, peer.digest, [r.members for r in peer.history if r.ok])
+        except AccessError as e:  # what an outsider gets: refused at start, in one line
+            refused[name] = str(e)
         except BaseException as e:
             errors.append(e)
 
+    refused: dict[str, str] = {}
     threads = [threading.Thread(target=train, args=a) for a in
                [("m1", str(good), 400), ("m2", str(good), 400), ("open", "", 40), ("wrong", str(other), 40)]]
     try:
@@ -133,7 +136,8 @@ def test_private_swarm_trains_and_refuses_outsiders(secrets):
     members = {out["m1"][0], out["m2"][0]}
     assert out["m1"][1] >= 3 and out["m2"][1] >= 3 and out["m1"][2] == out["m2"][2]  # trained and agree
     assert all(set(g) == members for name in ("m1", "m2") for g in out[name][3])  # only members in every group
-    assert out["open"][1] == 0 and out["wrong"][1] == 0  # the outsiders never completed a round
+    assert set(out) == {"m1", "m2"} and set(refused) == {"open", "wrong"}  # the outsiders were refused at start
+    assert "no credential" in refused["open"] and "does not accept this secret" in refused["wrong"]
 
 
 def test_averager_without_credential_is_refused_by_the_leader(secrets):

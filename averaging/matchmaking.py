@@ -203,7 +203,11 @@ class Matchmaker:
             joined = store.add(prefix + "n", 0)
             target = min(expected, self.cfg.max_group_size)
             if joined + 1 >= target and joined + 1 >= self.cfg.min_group_size:
-                break
+                # Re-read once before closing: a peer that has just caught up with this state (or
+                # is downloading it) may have appeared since the last scan; then keep waiting for it.
+                expected = max(1, expected_size())
+                if joined + 1 >= min(expected, self.cfg.max_group_size):
+                    break
             if time.monotonic() >= deadline:
                 break
             if time.monotonic() >= next_scan:

@@ -387,6 +387,7 @@ class Peer:
         assert self._averager is not None
         self._clock.begin_wait()
         try:
+            self._wait_for_joiners()
             if self.config.sync.overlap:
                 return self._sync_overlapped()
             snap = flatten_params(self._params).cpu()
@@ -397,6 +398,31 @@ class Peer:
             return result
         finally:
             self._clock.end_wait()
+
+    def _wait_for_joiners(self) -> None:
+        """A peer downloading our state is about to join this state's next round: arrive at that
+        round's matchmaking only when its download is done (bounded by 0.8 × the matchmaking
+        window, so the others, waiting for us there, are still waiting). Without this, a joiner
+        whose download takes longer than a round period lands a round behind, downloads again,
+        and never takes part."""
+        if self._server is None:
+            return
+        deadline = time.monotonic() + 0.8 * self.config.sync.matchmaking_window
+        said = False
+        while time.monotonic() < deadline:
+            busy, fetched = self._server.downloads(max_age=self.config.sync.matchmaking_window)
+            if fetched:  # done downloading: wait until it announces our state, then it is counted in
+                here = {r.peer_id for r in self._others() if (r.round, r.digest) == (self.round, self.digest)}
+                for pid in fetched & here:
+                    self._server.forget(pid)
+                fetched -= here
+            if not busy and not fetched:
+                return
+            if not said:
+                log.info("a peer is downloading this peer's state to join: waiting up to %.0fs for it before round %d",
+                         deadline - time.monotonic(), self.round + 1)
+                said = True
+            time.sleep(0.2)
 
     def _run_round(self, snap: torch.Tensor, weight: float) -> RoundResult:
         """Matchmaking + all-reduce of Δ = θ_sync − snap. Safe to run in a worker thread."""
@@ -563,7 +589,7 @@ class Peer:
             self._announce_catch_up(round_, digest)
             try:
                 state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
-                                       timeout=self.config.sync.join_timeout * 4)
+                                       timeout=self.config.sync.join_timeout * 4, requester=self.peer_id)
             except StateError as e:
                 self._announce_catch_up(0, "")
                 log.warning("could not catch up with round %d announced by %d peer(s): %s", round_, len(supporters), e)

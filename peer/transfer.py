@@ -46,6 +46,10 @@ class StateServer:
         self._thread = threading.Thread(target=self._run, name="swarmtrain-state-server", daemon=True)
         self.requests_served = 0
         self.serve_seconds = 0.0
+        # Responses posted but not yet taken: the requester deletes a response's keys once it
+        # has fetched them all, so a manifest still in the store is a download in progress.
+        self._fetching: dict[int, tuple[float, str]] = {}  # request -> (when posted, requester's peer id)
+        self._fetch_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -74,6 +78,7 @@ class StateServer:
 
     def _serve(self, k: int) -> None:
         t0 = time.monotonic()
+        requester = self._store.get(f"state/req/{k}").decode(errors="replace")[:64]
         state = self._snapshot()
         if self._cache is None or self._cache[0] != state.round:
             self._cache = (state.round, state.to_bytes())
@@ -84,9 +89,34 @@ class StateServer:
         manifest = {"round": state.round, "size": len(data), "chunks": len(chunks), "sha256": digest(data)}
         self._store.set(f"state/resp/{k}/meta", json.dumps(manifest))
         self._served.append((time.monotonic(), k, len(chunks)))
+        with self._fetch_lock:
+            self._fetching[k] = (time.monotonic(), requester)
         self.requests_served += 1
         self.serve_seconds += time.monotonic() - t0
         log.info("served state of round %d (%.1f MB) in %.2fs", state.round, len(data) / 1e6, time.monotonic() - t0)
+
+    def downloads(self, max_age: float = 120.0) -> tuple[int, set[str]]:
+        """(downloads of a state this server posted still in progress, peer ids of the requesters
+        that finished within `max_age` seconds). The requester deletes a response's keys once it
+        has fetched it all, so a manifest still in the store is a download in progress."""
+        now = time.monotonic()
+        busy, done = 0, set()
+        with self._fetch_lock:
+            for k, (t, who) in list(self._fetching.items()):
+                if now - t > max_age or self._store is None:
+                    del self._fetching[k]
+                elif self._store.check([f"state/resp/{k}/meta"]):
+                    busy += 1
+                elif who:
+                    done.add(who)
+        return busy, done
+
+    def forget(self, requester: str) -> None:
+        """That requester has joined (or is given up on): stop reporting it."""
+        with self._fetch_lock:
+            for k, (_, who) in list(self._fetching.items()):
+                if who == requester:
+                    del self._fetching[k]
 
     def _cleanup(self) -> None:
         """Free responses older than _KEEP_RESPONSES_S (their requester took them or died)."""
@@ -98,7 +128,7 @@ class StateServer:
 
 
 def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int | None, timeout: float,
-                connect_timeout: float = 5.0) -> SwarmState:
+                connect_timeout: float = 5.0, requester: str = "") -> SwarmState:
     """Download and verify one donor's state. Raises StateError on any failure.
 
     A donor that is gone (its record has not expired yet) fails within `connect_timeout`.
@@ -108,7 +138,7 @@ def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int | None, timeo
         store = TCPStore(donor.host, donor.port, is_master=False, timeout=timedelta(seconds=min(connect_timeout, timeout)))
         store.set_timeout(timedelta(seconds=timeout))
         k = store.add("state/req", 1)
-        store.set(f"state/req/{k}", "1")
+        store.set(f"state/req/{k}", requester or "1")  # who asks: the donor waits for it in its next round
         store.wait([f"state/resp/{k}/meta"], timedelta(seconds=timeout))
         meta = json.loads(store.get(f"state/resp/{k}/meta"))
         n, size = int(meta["chunks"]), int(meta["size"])
@@ -127,7 +157,7 @@ def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int | None, timeo
 
 
 def download_state(
-    donors: Sequence[PeerRecord], *, fingerprint: str, numel: int | None, timeout: float = 30.0
+    donors: Sequence[PeerRecord], *, fingerprint: str, numel: int | None, timeout: float = 30.0, requester: str = ""
 ) -> SwarmState:
     """Fetch the newest state from the first donor that delivers a verified copy.
 
@@ -142,7 +172,7 @@ def download_state(
     errors = []
     for donor in sorted(donors, key=lambda d: -d.round):
         try:
-            state = fetch_state(donor, fingerprint=fingerprint, numel=numel, timeout=timeout)
+            state = fetch_state(donor, fingerprint=fingerprint, numel=numel, timeout=timeout, requester=requester)
         except StateError as e:
             errors.append(str(e))
             log.warning("%s; trying another peer", e)

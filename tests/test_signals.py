@@ -13,8 +13,10 @@ from .conftest import wait_exit, wait_for
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_to_the_process_group_stops_bootstrap_and_peer(procs, sig):
+def test_sigterm_to_the_process_group_stops_bootstrap_and_peer(procs):
+    """SIGTERM, as `timeout`, `kill -TERM -PGID` and systemd send it (a terminal's Ctrl+C, SIGINT to
+    the group, is tested in test_bootstrap.py and test_bad_input.py)."""
+    sig = signal.SIGTERM
     boot, addr = procs.bootstrap()
     peer = procs.peer("peer", addr, "--sync.every-steps", "10")
     wait_for(lambda: "joined run" in procs.log(peer), 120, "the peer to join", peer)

@@ -15,6 +15,7 @@ signed by that owner, and `get_signed` returns only owner-keyed values, by peer 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import gc
@@ -229,10 +230,10 @@ async def _redial(maddrs: list[str], timeout: float, _dht: hivemind.DHT, node: A
             return False
         if pid == node.peer_id:
             return False
-        try:
+        # Unreachable or refused: nothing to do here, the ping below says whether it answers at all
+        # (p2pd's client raises several exception types).
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(node.protocol.p2p._client.connect(pid, [m]), timeout)
-        except Exception:  # unreachable or refused: the ping below says whether it answers at all
-            pass
         try:
             return await asyncio.wait_for(node.protocol.call_ping(pid), timeout) is not None
         except asyncio.TimeoutError:

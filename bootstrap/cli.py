@@ -8,7 +8,7 @@ import sys
 import threading
 
 from peer import configlib
-from peer.cli import OneLineParser
+from peer.cli import OneLineParser, interruptible
 
 from .config import BootstrapConfig
 
@@ -55,11 +55,7 @@ def keygen(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:  # Ctrl+C before the node's handler was installed: one line, no traceback
-        print("swarm-bootstrap: interrupted while starting", file=sys.stderr)
-        return 130
+    return interruptible(_main, argv, "swarm-bootstrap: interrupted while starting")
 
 
 def _main(argv: list[str]) -> int:

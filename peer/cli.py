@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+from typing import Callable
 
 from . import configlib
 from .config import RunConfig
@@ -58,12 +59,18 @@ def parse(argv: list[str] | None) -> RunConfig:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
+def interruptible(main: Callable[[list[str]], int], argv: list[str] | None, interrupted: str) -> int:
+    """Run a console script's `main`; a Ctrl+C before its own signal handler is installed (while
+    torch and hivemind load) prints the one line `interrupted` and exits 130, no traceback."""
     try:
-        return _main(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:  # Ctrl+C before the trainer's handler was installed: one line, no traceback
-        print("swarm-peer: interrupted while starting; nothing to save", file=sys.stderr)
+        return main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return interruptible(_main, argv, "swarm-peer: interrupted while starting; nothing to save")
 
 
 def _main(argv: list[str]) -> int:

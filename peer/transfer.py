@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 _KEEP_RESPONSES_S = 120.0
+# What a requester that will not join the rounds (an archivist) writes as its id: the donor
+# does not wait for it. A peer id is never this string.
+OBSERVER = "observer"
 
 
 class StateServer:
@@ -79,6 +82,7 @@ class StateServer:
     def _serve(self, k: int) -> None:
         t0 = time.monotonic()
         requester = self._store.get(f"state/req/{k}").decode(errors="replace")[:64]
+        joiner = requester not in ("", OBSERVER, "1")  # "1": what requesters before 2026-12 wrote
         state = self._snapshot()
         if self._cache is None or self._cache[0] != state.round:
             self._cache = (state.round, state.to_bytes())
@@ -89,15 +93,16 @@ class StateServer:
         manifest = {"round": state.round, "size": len(data), "chunks": len(chunks), "sha256": digest(data)}
         self._store.set(f"state/resp/{k}/meta", json.dumps(manifest))
         self._served.append((time.monotonic(), k, len(chunks)))
-        with self._fetch_lock:
-            self._fetching[k] = (time.monotonic(), requester)
+        if joiner:  # only a joiner is waited for (an archivist's copy must not slow every round)
+            with self._fetch_lock:
+                self._fetching[k] = (time.monotonic(), requester)
         self.requests_served += 1
         self.serve_seconds += time.monotonic() - t0
         log.info("served state of round %d (%.1f MB) in %.2fs", state.round, len(data) / 1e6, time.monotonic() - t0)
 
     def downloads(self, max_age: float = 120.0) -> tuple[int, set[str]]:
-        """(downloads of a state this server posted still in progress, peer ids of the requesters
-        that finished within `max_age` seconds). The requester deletes a response's keys once it
+        """(joiners' downloads of a state this server posted still in progress, peer ids of the
+        joiners that finished within `max_age` seconds; observers are not counted). The requester deletes a response's keys once it
         has fetched it all, so a manifest still in the store is a download in progress."""
         now = time.monotonic()
         busy, done = 0, set()
@@ -138,7 +143,7 @@ def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int | None, timeo
         store = TCPStore(donor.host, donor.port, is_master=False, timeout=timedelta(seconds=min(connect_timeout, timeout)))
         store.set_timeout(timedelta(seconds=timeout))
         k = store.add("state/req", 1)
-        store.set(f"state/req/{k}", requester or "1")  # who asks: the donor waits for it in its next round
+        store.set(f"state/req/{k}", requester or OBSERVER)  # who asks: the donor waits for a joiner in its next round
         store.wait([f"state/resp/{k}/meta"], timedelta(seconds=timeout))
         meta = json.loads(store.get(f"state/resp/{k}/meta"))
         n, size = int(meta["chunks"]), int(meta["size"])

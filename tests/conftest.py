@@ -43,18 +43,20 @@ class Procs:
         self.started.append(p)
         return p
 
-    def bootstrap(self, name: str = "bootstrap", *extra: str, identity: Path | None = None) -> tuple[subprocess.Popen, str]:
+    def bootstrap(self, name: str = "bootstrap", *extra: str, identity: Path | None = None, host: str = "127.0.0.1",
+                  netns: str | None = None) -> tuple[subprocess.Popen, str]:
         maddrs = self.tmp / f"{name}.maddrs"
         maddrs.unlink(missing_ok=True)
-        p = self.spawn(name, ["-m", "bootstrap", "--identity", str(identity or self.tmp / f"{name}.key"), "--host", "127.0.0.1",
+        p = self.spawn(name, ["-m", "bootstrap", "--identity", str(identity or self.tmp / f"{name}.key"), "--host", host,
                               "--port", "0", "--monitor-every", "2", "--maddrs-file", str(maddrs),
-                              "--ledger", str(self.tmp / f"{name}.ledger.json"), *extra])
+                              "--ledger", str(self.tmp / f"{name}.ledger.json"), *extra], netns=netns)
         wait_for(lambda: maddrs.exists() and maddrs.read_text().strip(), 60, f"{name} to start", p)
         return p, maddrs.read_text().split()[0]
 
-    def peer(self, name: str, join: str, *extra: str) -> subprocess.Popen:
+    def peer(self, name: str, join: str, *extra: str, host: str = "127.0.0.1", netns: str | None = None) -> subprocess.Popen:
         summary = self.tmp / f"{name}.json"
-        return self.spawn(name, ["-m", "peer", "--join", join, *FAST_PEER, "--train.summary-file", str(summary), *extra])
+        return self.spawn(name, ["-m", "peer", "--join", join, *FAST_PEER, "--swarm.host", host,
+                                 "--train.summary-file", str(summary), *extra], netns=netns)
 
     def log(self, p: subprocess.Popen) -> str:
         return p.logfile.read_text(errors="replace")  # type: ignore[attr-defined]

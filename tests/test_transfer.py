@@ -64,3 +64,25 @@ def test_state_not_matching_announced_digest_is_refused():
             download_state([record("liar", s, real)], fingerprint="fp", numel=1000, timeout=3)
     finally:
         server.close()
+
+
+@pytest.mark.timeout(60)
+def test_donor_waits_for_a_joiner_but_not_for_an_archivist():
+    """A joiner's finished download is reported until it joins (the donor holds its next round
+    for it); an observer's (the archivist's copy, every round) is never reported. Before, the
+    archivist's copy held every donor 0.8 × the matchmaking window, every round."""
+    state = SwarmState(3, "fp", torch.randn(1000), None)
+    s = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    server = StateServer(s, lambda: state)
+    server.start()
+    try:
+        donor = [record("donor", s, state)]
+        download_state(donor, fingerprint="fp", numel=1000, timeout=5)  # an archivist: no requester
+        assert server.downloads() == (0, set())
+        download_state(donor, fingerprint="fp", numel=1000, timeout=5, requester="QmJoiner")
+        assert server.downloads() == (0, {"QmJoiner"})
+        server.forget("QmJoiner")
+        assert server.downloads() == (0, set())
+        assert server.requests_served == 2
+    finally:
+        server.close()

@@ -258,6 +258,8 @@ def _partwise_allreduce(
             meta[2:] = torch.tensor(_check_credentials(pg, group, secret), dtype=torch.float64)
         rows = [torch.empty(2 + n, dtype=torch.float64) for _ in range(n)]
         pg.allgather([rows], [meta]).wait()  # completes only if every member takes part
+        if tamper is not None:
+            tamper.transfer_started()
         table = torch.stack(rows)  # [n, 2 + n]: row i is what member i declared
         weights = tuple(float(w) for w in table[:, 0])
         declared = [float(v) for v in table[:, 1]]

@@ -5,6 +5,7 @@ with whoever is at the same round, and says honestly whether it worked.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -17,7 +18,7 @@ from .dht import SwarmDHT
 from .errors import MatchmakingError
 from .faults import Tamper
 from .config import AveragerConfig, MatchmakingConfig  # noqa: F401  (re-exported)
-from .matchmaking import Matchmaker
+from .matchmaking import Group, Matchmaker
 from .relay import client_round, collect_clients, publish_to_clients
 from .robust import AggregatorConfig  # noqa: F401  (re-exported)
 
@@ -45,15 +46,39 @@ class Averager:
     ) -> RoundResult:
         """Meet the peers at `round_` and average `delta` with them.
 
+        A member that dies or is cut off in the middle of the round does not cost the others
+        the round (PCCL's rule): when the all-reduce of a group of 3 or more fails, the
+        survivors meet again at once, under a key only that group's members know, and run the
+        round among themselves (expecting one member fewer). Still honest: a round is
+        `complete` only if every final member's contribution is in every part; the lost
+        member's contribution is dropped, never half-applied. One retry, no more.
+
         Failure behaviour: never raises for network faults; returns a `failed` RoundResult
-        within about window + join_timeout + 2·allreduce_timeout seconds. `delta` is never
-        modified.
+        within about 2 × (window + join_timeout + 2·allreduce_timeout) seconds. `delta` is
+        never modified.
         """
         t0 = time.monotonic()
+        result, group = self._attempt(round_, fingerprint, delta, weight, expected_size)
+        if not result.ok and group is not None and group.size >= 3 and not group.is_client:
+            survivors = group.size - 1
+            log.info("round %d: a member failed mid-round (%s); retrying at once with the others", round_, result.error)
+            # The retry meets under the failed group's nonce (in its prefix "round/nonce/"): only
+            # its members know it, and no stale declaration of the first attempt is in the way.
+            retry, _ = self._attempt(round_, f"{fingerprint}.retry-{group.prefix.split('/')[1]}", delta, weight,
+                                     lambda: min(expected_size(), survivors))
+            result = dataclasses.replace(retry, bytes_sent=retry.bytes_sent + result.bytes_sent)
+        # Report the whole round's duration, matchmaking (and a retry) included.
+        return dataclasses.replace(result, duration_s=time.monotonic() - t0)
+
+    def _attempt(
+        self, round_: int, topic: str, delta: torch.Tensor, weight: float, expected_size: Callable[[], int]
+    ) -> tuple[RoundResult, Group | None]:
+        """One matchmaking (among the peers declaring `topic`) + all-reduce; the group, if one formed."""
+        t0 = time.monotonic()
         try:
-            group = self.matchmaker.form_group(round_, fingerprint, expected_size)
+            group = self.matchmaker.form_group(round_, topic, expected_size)
         except MatchmakingError as e:
-            return RoundResult(round_, "failed", (self.dht.peer_id,), (), time.monotonic() - t0, 0, str(e))
+            return RoundResult(round_, "failed", (self.dht.peer_id,), (), time.monotonic() - t0, 0, str(e)), None
         timeout = self.cfg.allreduce_timeout
         if group.is_client:
             result = client_round(group, self.dht.peer_id, delta, weight, timeout_s=2 * timeout + self.cfg.matchmaking.join_timeout)
@@ -64,19 +89,13 @@ class Averager:
             result = self._allreduce(group, combined, total)
             included = [pid for pid, _, _ in uploads]
             # Report the clients whose contributions went in as members of the round.
-            result = RoundResult(result.round, result.status, result.members + tuple(included), result.weights,
-                                 result.duration_s, result.bytes_sent, result.error,
-                                 None if result.mean_delta is None else result.mean_delta.to(delta.device),
-                                 result.rejected)
+            result = dataclasses.replace(result, members=result.members + tuple(included),
+                                         mean_delta=None if result.mean_delta is None else result.mean_delta.to(delta.device))
             publish_to_clients(group, result, included)
         else:
             result = self._allreduce(group, delta, weight)
         self._strike(result)
-        # Report the whole round's duration, matchmaking included.
-        return RoundResult(
-            result.round, result.status, result.members, result.weights,
-            time.monotonic() - t0, result.bytes_sent, result.error, result.mean_delta, result.rejected,
-        )
+        return result, group
 
     def _allreduce(self, group, delta: torch.Tensor, weight: float) -> RoundResult:
         return weighted_allreduce(group, delta, weight, host=self.cfg.announce_host, timeout_s=self.cfg.allreduce_timeout,

@@ -7,12 +7,15 @@ It is a seam for the hostile-peer harness (tests/hostile.py), never set by the C
 """
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-Mode = Literal["scale", "sign_flip", "nan", "inf", "wrong_shape", "noise"]
+Mode = Literal["scale", "sign_flip", "nan", "inf", "wrong_shape", "noise", "crash"]
+MODES = ("scale", "sign_flip", "nan", "inf", "wrong_shape", "noise", "crash")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,8 +24,15 @@ class Tamper:
     factor: float = 100.0  # scale: multiply by this; noise: standard deviation relative to the update's RMS
 
     def __post_init__(self) -> None:
-        if self.mode not in ("scale", "sign_flip", "nan", "inf", "wrong_shape", "noise"):
+        if self.mode not in MODES:
             raise ValueError(f"unknown tamper mode {self.mode!r}")
+
+    def transfer_started(self) -> None:
+        """Called once every member has declared its weight and size, before any part of the
+        vector is sent. "crash" SIGKILLs this process here: a member that dies in the middle
+        of a round's transfer (the others are blocked on its parts)."""
+        if self.mode == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def declared_numel(self, numel: int) -> int:
         """The size this peer claims for its update (wrong_shape lies about it)."""
@@ -42,4 +52,4 @@ class Tamper:
             g = torch.Generator().manual_seed(round_)
             rms = x.pow(2).mean().sqrt().clamp_min(1e-12)
             return torch.randn(x.shape, generator=g) * rms * self.factor
-        return x  # wrong_shape: the lie is in the declared size
+        return x  # wrong_shape: the lie is in the declared size; crash: in transfer_started

@@ -104,6 +104,10 @@ class Peer:
         self.local_step = 0
         self.samples_since_sync = 0
         self.total_samples = 0
+        # Where computed samples went: into a completed round's average, or thrown away (progress
+        # too stale to carry onto the swarm's state, see _reconcile). The rest are pending.
+        self.samples_averaged = 0
+        self.samples_discarded = 0
         self.rounds_failed = 0
         self.rounds_ok = 0  # rounds this peer completed an all-reduce in
         self.bytes_sent = 0
@@ -463,6 +467,7 @@ class Peer:
         write_flat_(self._params, (theta + (local - snap)).to(self.device))
         self.round += 1
         self.rounds_ok += 1
+        self.samples_averaged += min(self._weight_in_flight, self.samples_since_sync)
         self.samples_since_sync = max(0, self.samples_since_sync - self._weight_in_flight)
         self._weight_in_flight = 0
         self.bytes_sent += result.bytes_sent
@@ -504,16 +509,38 @@ class Peer:
         if getattr(self, "_announcer", None) is not None:
             self._announcer.update(self._record(), now=True)
 
-    def _adopt(self, state: SwarmState, source: str) -> None:
+    def _adopt(self, state: SwarmState, source: str, carry: bool = False) -> None:
+        """Continue from `state` (a download or a checkpoint).
+
+        `carry`: keep this peer's local progress. The stale-contribution rule: progress made
+        since our last θ_sync, p = θ_local − θ_sync_old, is put on top of the swarm's newer
+        θ_sync (θ_local := θ_sync_new + p, as overlap mode does with a round in flight) when
+        θ_sync_old is at most `sync.max_stale_rounds` rounds older; its samples stay pending,
+        so the next round averages Δ = θ_sync − θ_local = −p with them as its weight, through
+        the normal outer step (no separate delayed momentum). Older progress is dropped and
+        its samples counted as discarded. Measured effect on loss: docs/benchmarks.md.
+        """
         self._catch_up = (0, "")  # announced with the new state by _set_state below
+        progress = None
+        stale = state.round - self.round
+        if carry and self.samples_since_sync > 0:
+            if stale <= self.config.sync.max_stale_rounds:
+                progress = flatten_params(self._params).cpu() - self.outer.theta_sync  # [P] fp32, on the host
+            else:
+                log.info("dropping %d samples of local progress: it is %d rounds older than the swarm's state "
+                         "(--sync.max-stale-rounds %d)", self.samples_since_sync, stale, self.config.sync.max_stale_rounds)
         self.outer.load_state_dict({"theta_sync": state.theta_sync, "momentum_buf": state.momentum_buf})
-        write_flat_(self._params, self.outer.theta_sync.to(self.device))
+        theta = self.outer.theta_sync if progress is None else self.outer.theta_sync + progress
+        write_flat_(self._params, theta.to(self.device))
         self.round = state.round
-        self.samples_since_sync = 0
+        if progress is None:
+            self.samples_discarded += self.samples_since_sync
+            self.samples_since_sync = 0
         if self._averager is not None:
             self._averager.reset_compression()
         self._set_state(SwarmState(state.round, self.fingerprint, self.outer.theta_sync, self.outer.momentum_buf, self.total_samples))
-        log.info("continuing from round %d (%s)", self.round, source)
+        log.info("continuing from round %d (%s)%s", self.round, source,
+                 f", carrying {self.samples_since_sync} samples of local progress" if progress is not None else "")
 
     def _save_checkpoint(self) -> Path:
         assert self._ckpt is not None
@@ -595,7 +622,8 @@ class Peer:
                 log.warning("could not catch up with round %d announced by %d peer(s): %s", round_, len(supporters), e)
                 self._drop_unbacked(round_, digest)
                 continue
-            self._adopt(state, f"downloaded from peer {donors[0].peer_id[-8:]}" + (" at startup" if startup else ""))
+            self._adopt(state, f"downloaded from peer {donors[0].peer_id[-8:]}" + (" at startup" if startup else ""),
+                        carry=not startup)
             self.schedule.after_next_step()  # the peers at this state are waiting for us in their next round
             return
 

@@ -205,6 +205,8 @@ class SyncConfig:
     matchmaking_window: float = doc(15.0, "seconds to wait at a sync point for other peers")
     join_timeout: float = doc(5.0, "seconds to wait when connecting to a group leader")
     allreduce_timeout: float = doc(60.0, "seconds before a stalled all-reduce is declared failed")
+    max_stale_rounds: int = doc(4, "a peer that missed rounds carries its local progress onto the swarm's newer state "
+                                   "if it is at most this many rounds stale (0 = drop it), and averages it next round")
     overlap: bool = doc(False, "keep training while a round's all-reduce runs; apply its outer step one round late")
     compression: Literal["fp32", "fp16", "bf16", "int8"] = doc(
         "fp32", "wire codec: fp32 exact; fp16/bf16 half the bytes; int8 a quarter (with error feedback)")
@@ -231,6 +233,8 @@ class SyncConfig:
         self.aggregation()  # validates aggregator, trim, clip_tau, clip_iters
         if self.ban_after < 1:
             raise ValueError(f"ban_after must be >= 1, got {self.ban_after}")
+        if self.max_stale_rounds < 0:
+            raise ValueError(f"max_stale_rounds must be >= 0, got {self.max_stale_rounds}")
 
     def outer(self) -> OuterConfig:
         return OuterConfig(lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov)

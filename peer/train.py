@@ -88,7 +88,8 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         progress.update(_snapshot(peer, val_final), force=True)
         summary = {
             "peer_id": peer.peer_id, "rounds": peer.round, "rounds_failed": peer.rounds_failed,
-            "steps": peer.local_step, "samples": peer.total_samples, "val_loss_start": val_start,
+            "steps": peer.local_step, "samples": peer.total_samples, "samples_averaged": peer.samples_averaged,
+            "samples_discarded": peer.samples_discarded, "val_loss_start": val_start,
             "val_loss_final": val_final, "val_loss_by_round": round_losses,
             "val_loss_by_samples": val_by_samples, "digest": peer.digest,
             "bytes_sent": peer.bytes_sent, "wall_s": round(time.monotonic() - t_start, 2),

@@ -17,6 +17,7 @@ from .allreduce import Compression, RoundResult, weighted_allreduce
 from .dht import SwarmDHT
 from .errors import MatchmakingError
 from .faults import Tamper
+from .hierarchy import hierarchical_allreduce
 from .config import AveragerConfig, MatchmakingConfig  # noqa: F401  (re-exported)
 from .matchmaking import Group, Matchmaker
 from .relay import client_round, collect_clients, publish_to_clients
@@ -97,7 +98,13 @@ class Averager:
         self._strike(result)
         return result, group
 
-    def _allreduce(self, group, delta: torch.Tensor, weight: float) -> RoundResult:
+    def _allreduce(self, group: Group, delta: torch.Tensor, weight: float) -> RoundResult:
+        cap = max(2, self.cfg.matchmaking.max_group_size)  # a "subgroup" of 1 would average nothing
+        if group.size > cap:  # more peers than one group holds: subgroups, combined exactly
+            return hierarchical_allreduce(group, delta, weight, cap=cap, host=self.cfg.announce_host,
+                                          timeout_s=self.cfg.allreduce_timeout, codec=self.compression,
+                                          aggregator=self.cfg.aggregator, trusted=self.cfg.trusted, tamper=self.tamper,
+                                          secret=self.cfg.secret)
         return weighted_allreduce(group, delta, weight, host=self.cfg.announce_host, timeout_s=self.cfg.allreduce_timeout,
                                   codec=self.compression, aggregator=self.cfg.aggregator, trusted=self.cfg.trusted,
                                   tamper=self.tamper, secret=self.cfg.secret)

@@ -31,7 +31,8 @@ class MatchmakingConfig:
 
     # A group needs at least this many peers (including self) to average.
     min_group_size: int = 2
-    # Groups are capped at this size; later arrivals fail this round and catch up by download.
+    # Most peers in one all-reduce: a round with more reduces in subgroups of at most this
+    # size, combined exactly into one result (hierarchy.py).
     max_group_size: int = 64
     # Longest a peer waits at a sync point for others to arrive, in seconds.
     window: float = 10.0

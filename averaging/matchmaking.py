@@ -43,6 +43,9 @@ from .errors import MatchmakingError
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often a leader checks its join counter
+# Most members one round's group admits (a bound against a flood of joins, not a tuning knob:
+# max_group_size sets the size of the subgroups that actually all-reduce together).
+MAX_MEMBERS = 1024
 _RESCAN_S = 0.5  # how often a leader re-reads the DHT (for earlier candidates and expected size)
 
 
@@ -201,12 +204,14 @@ class Matchmaker:
         next_scan = time.monotonic() + _RESCAN_S
         while True:
             joined = store.add(prefix + "n", 0)
-            target = min(expected, self.cfg.max_group_size)
+            # Everyone expected is admitted: a round with more than max_group_size members
+            # reduces in subgroups (hierarchy.py), so nobody is left out for lack of room.
+            target = min(expected, MAX_MEMBERS)
             if joined + 1 >= target and joined + 1 >= self.cfg.min_group_size:
                 # Re-read once before closing: a peer that has just caught up with this state (or
                 # is downloading it) may have appeared since the last scan; then keep waiting for it.
                 expected = max(1, expected_size())
-                if joined + 1 >= min(expected, self.cfg.max_group_size):
+                if joined + 1 >= min(expected, MAX_MEMBERS):
                     break
             if time.monotonic() >= deadline:
                 break
@@ -225,9 +230,10 @@ class Matchmaker:
         # Close: later joiners will find themselves missing from the list and retry later.
         n = store.add(prefix + "n", 0)
         members, clients = [me.peer_id], []
-        for slot in range(1, min(n, self.cfg.max_group_size - 1) + 1):
+        slots_by = time.monotonic() + self.cfg.join_timeout  # one bound for all slots, however many were taken
+        for slot in range(1, min(n, MAX_MEMBERS - 1) + 1):
             try:
-                store.wait([f"{prefix}slot/{slot}"], timedelta(seconds=self.cfg.join_timeout))
+                store.wait([f"{prefix}slot/{slot}"], timedelta(seconds=max(0.01, slots_by - time.monotonic())))
                 rec = json.loads(store.get(f"{prefix}slot/{slot}"))
             except (RuntimeError, ValueError) as e:  # joiner died between add() and set()
                 log.debug("slot %d of round %d unusable: %s", slot, round_, e)

@@ -20,7 +20,7 @@ from peer.data import (
     parse_shard,
 )
 from peer.device import autocast, detect_device
-from peer.model import GPT, ModelConfig, build_model, count_parameters
+from peer.model import ModelConfig, build_model, count_parameters
 
 # A tiny model keeps every test well under a second on a shared 2-core machine.
 TINY = dict(block_size=16, n_layer=1, n_head=2, n_embd=32)

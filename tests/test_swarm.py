@@ -7,7 +7,6 @@ import signal
 import pytest
 import torch
 
-from peer.state import SwarmState
 
 from .conftest import summary, wait_exit
 

@@ -11,7 +11,6 @@ import argparse
 import atexit
 import inspect
 import json
-import math
 import os
 import platform
 import re

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import inspect
 import json
-import os
 import sys
 import time
 

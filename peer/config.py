@@ -201,7 +201,8 @@ class SyncConfig:
     outer_momentum: float = doc(0.9, "outer momentum")
     nesterov: bool = doc(True, "use Nesterov momentum in the outer step")
     min_group_size: int = doc(2, "fewest peers (self included) that make a group")
-    max_group_size: int = doc(64, "most peers in one group")
+    max_group_size: int = doc(64, "most peers in one all-reduce; a round with more averages in subgroups of this size, "
+                                   "combined into one result")
     matchmaking_window: float = doc(15.0, "seconds to wait at a sync point for other peers")
     join_timeout: float = doc(5.0, "seconds to wait when connecting to a group leader")
     allreduce_timeout: float = doc(60.0, "seconds before a stalled all-reduce is declared failed")

@@ -1,0 +1,441 @@
+"""One peer's round lifecycle: schedule → matchmaking → all-reduce → apply → reconcile.
+
+A sync round (DiLoCo): Δ = θ_sync − θ_local is averaged over the group, weighted by
+samples; the outer Nesterov step gives the new θ_sync, identical on every member, and
+the model's parameters are reset to it. A failed round changes nothing: the peer keeps
+training and retries. θ_sync and the outer momentum live on the CPU in fp32.
+
+Agreement: the DHT record of every peer carries the sha256 of its θ_sync. Peers only
+meet peers with the same model fingerprint, round and θ_sync digest, so a stale or
+diverged peer can never pollute a group. When a peer finds it is behind (or disagrees
+with the majority at its round), it downloads the swarm's state and continues from there,
+carrying its own progress on top (the stale-contribution rule, `adopt`).
+
+`RoundLoop` owns the round state (θ_sync, momentum, round, digest, schedule, counters,
+history) and runs in the training thread; `Peer` composes it with the network parts
+(DHT, averager, state server, announcer), which it attaches once they exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from averaging.allreduce import RoundResult
+from averaging.averager import Averager
+from averaging.dht import SwarmDHT, dht_time
+from averaging.errors import StateError
+from averaging.flat import flatten_params, tensor_digest, write_flat_
+from averaging.outer import OuterOptimizer
+
+from .config import PeerConfig
+from .membership import RECENT_ROUNDS, Announcer, PeerRecord, RoundOutcome, better_states, donors_for, live_peers
+from .schedule import ComputeClock, SyncSchedule
+from .state import CheckpointDir, SwarmState
+from .stats import Counters, PeerStats
+from .transfer import StateServer, download_state
+
+log = logging.getLogger("peer.api")  # the name users filter on (docs/python-api.md "Seeing the logs")
+
+HISTORY_ROUNDS = 100  # sync attempts kept in RoundLoop.history (tensor-free)
+NO_PEER = "no other peer at this round"
+ALONE_REMIND_S = 300.0  # a peer that stays alone says so again this often, not at every attempt
+
+
+class _AloneNotice:
+    """Says once that this peer is alone (a lone peer retries every few steps: one line per
+    attempt would bury everything else), again every ALONE_REMIND_S, and again after company."""
+
+    def __init__(self) -> None:
+        self._said_at: float | None = None
+
+    def due(self, now: float) -> bool:
+        if self._said_at is not None and now - self._said_at < ALONE_REMIND_S:
+            return False
+        self._said_at = now
+        return True
+
+    def reset(self) -> None:
+        self._said_at = None
+
+
+class RoundLoop:
+    """The round lifecycle of one peer. Lifecycle: construct (offline), `attach` the network
+    parts, `tick`/`sync` from the training thread, `close`."""
+
+    def __init__(self, params: list[torch.Tensor], config: PeerConfig, *, fingerprint: str,
+                 ckpt: CheckpointDir | None, on_state: Callable[[bool], None]) -> None:
+        """`params`: the model's trainable parameters (written in place after each round).
+        `on_state(now)`: called whenever the announced state changes, so the Peer updates its
+        record (and, with now=True, publishes it at once)."""
+        self.params = params
+        self.device = params[0].device
+        self.config = config
+        self.fingerprint = fingerprint
+        self.outer = OuterOptimizer(flatten_params(params).cpu(), config.sync.outer())
+        self.schedule = SyncSchedule(config.sync.every_steps, config.sync.every_seconds)
+        self.round = 0
+        self.counters = Counters()
+        self.clock = ComputeClock()
+        self.last_loss: float | None = None
+        self._loss_t: torch.Tensor | None = None
+        self._rate_window: deque[tuple[float, int]] = deque()  # (time, total samples), last ~30 s
+        # The last HISTORY_ROUNDS sync attempts, without their mean Δ: a long run must not keep
+        # one parameter vector per round (100M parameters = 0.4 GB a round).
+        self.history: deque[RoundResult] = deque(maxlen=HISTORY_ROUNDS)
+        self.outcomes: deque[RoundOutcome] = deque(maxlen=RECENT_ROUNDS)  # published with the metrics
+        self.catch_up: tuple[int, str] = (0, "")  # the state being downloaded, announced (see _announce_catch_up)
+        self._alone = _AloneNotice()
+        self._unbacked: set[tuple[str, int, str]] = set()  # (peer id, round, digest) claims no download backed
+        self._weight_in_flight = 0
+        self._in_flight: tuple[Future, torch.Tensor] | None = None
+        # Overlap mode: one worker thread owned by this loop runs rounds in the background.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="swarmtrain-sync") if config.sync.overlap else None
+        self.ckpt = ckpt
+        self._on_state = on_state
+        self.peer_id = ""
+        self._dht: SwarmDHT | None = None
+        self._averager: Averager | None = None
+        self._server: StateServer | None = None
+        self._announcer: Announcer | None = None
+        self.set_state(SwarmState(0, fingerprint, self.outer.theta_sync, None))
+
+    def attach(self, *, peer_id: str, dht: SwarmDHT, averager: Averager, server: StateServer | None) -> None:
+        self.peer_id, self._dht, self._averager, self._server = peer_id, dht, averager, server
+
+    def attach_announcer(self, announcer: Announcer | None) -> None:
+        self._announcer = announcer
+
+    def close(self) -> None:
+        """Apply the round in flight (overlap mode), so its result is not lost; stop the worker."""
+        if self._in_flight is not None:
+            try:
+                self._collect_in_flight()
+            except Exception as e:  # a crashed worker must not prevent a clean shutdown
+                log.warning("the round in flight failed while leaving: %s", e)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._server = self._announcer = None
+
+    # ------------------------------------------------------------------ counters
+    def stats(self) -> PeerStats:
+        c = self.counters
+        return PeerStats(round=self.round, local_step=c.local_step, total_samples=c.total_samples,
+                         samples_since_sync=c.samples_since_sync, samples_averaged=c.samples_averaged,
+                         samples_discarded=c.samples_discarded, rounds_ok=c.rounds_ok, rounds_failed=c.rounds_failed,
+                         bytes_sent=c.bytes_sent, bytes_recv=c.bytes_recv, peers_seen=c.peers_seen,
+                         sync_wait_s=self.clock.wait_s, compute_s=float(self.clock.compute_s()),
+                         samples_per_s=self.samples_per_s, last_loss=self.last_loss)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Training throughput over the last ~30 s (samples per wall-clock second)."""
+        if len(self._rate_window) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._rate_window[0], self._rate_window[-1]
+        return max((n1 - n0) / (t1 - t0), 0.0) if t1 > t0 else 0.0
+
+    def tick(self, samples: int, loss: torch.Tensor | None) -> bool:
+        """Count one inner step of `samples`; True if a sync is due now."""
+        if loss is not None:
+            self._loss_t = loss
+        c = self.counters
+        c.local_step += 1
+        c.samples_since_sync += samples
+        c.total_samples += samples
+        now = time.monotonic()
+        self._rate_window.append((now, c.total_samples))
+        while len(self._rate_window) > 2 and now - self._rate_window[0][0] > 30.0:
+            self._rate_window.popleft()
+        self.schedule.tick()
+        return self.schedule.due()
+
+    # ------------------------------------------------------------------ one round
+    def sync(self) -> RoundResult | None:
+        """Average with the peers at this round now. Never raises for network faults.
+
+        With `sync.overlap`, the all-reduce runs in a background thread while training
+        goes on; its result is applied at the next sync point (one round late). Then the
+        return value is the previous round's result (None the first time).
+        """
+        assert self._averager is not None
+        self.clock.begin_wait()
+        try:
+            self._wait_for_joiners()
+            if self.config.sync.overlap:
+                return self._sync_overlapped()
+            snap = flatten_params(self.params).cpu()
+            self._weight_in_flight = self.counters.samples_since_sync
+            result = self._run_round(snap, float(max(self.counters.samples_since_sync, 1)))
+            self._finish_round(result, snap)
+            self.schedule.done(result.ok)
+            return result
+        finally:
+            self.clock.end_wait()
+
+    def _wait_for_joiners(self) -> None:
+        """A peer downloading our state is about to join this state's next round: arrive at that
+        round's matchmaking only when its download is done (bounded by 0.8 × the matchmaking
+        window, so the others, waiting for us there, are still waiting). Without this, a joiner
+        whose download takes longer than a round period lands a round behind, downloads again,
+        and never takes part."""
+        if self._server is None:
+            return
+        deadline = time.monotonic() + 0.8 * self.config.sync.matchmaking_window
+        said = False
+        while time.monotonic() < deadline:
+            busy, fetched = self._server.downloads(max_age=self.config.sync.matchmaking_window)
+            if fetched:  # done downloading: wait until it announces our state, then it is counted in
+                here = {r.peer_id for r in self.others() if (r.round, r.digest) == (self.round, self.digest)}
+                for pid in fetched & here:
+                    self._server.forget(pid)
+                fetched -= here
+            if not busy and not fetched:
+                return
+            if not said:
+                log.info("a peer is downloading this peer's state to join: waiting up to %.0fs for it before round %d",
+                         deadline - time.monotonic(), self.round + 1)
+                said = True
+            time.sleep(0.2)
+
+    def _run_round(self, snap: torch.Tensor, weight: float) -> RoundResult:
+        """Matchmaking + all-reduce of Δ = θ_sync − snap. Safe to run in a worker thread."""
+        assert self._averager is not None
+        delta = self.outer.pseudo_gradient(snap)
+        if self.expected_group_size() < self.config.sync.min_group_size:
+            return RoundResult(self.round, "failed", (self.peer_id,), (), 0.0, 0, NO_PEER)
+        return self._averager.average(self.round, self.meeting_key(), delta, weight, self.expected_group_size)
+
+    def _finish_round(self, result: RoundResult, snap: torch.Tensor) -> None:
+        """Apply a round's result. `snap` is θ_local when the round started: local progress made
+        since then (overlap mode) is kept on top of the new θ_sync."""
+        c = self.counters
+        if self._loss_t is not None:
+            self.last_loss = float(self._loss_t)
+        self.history.append(dataclasses.replace(result, mean_delta=None))
+        self.outcomes.append(RoundOutcome(
+            round=result.round + 1, status=result.status, duration_s=float(max(result.duration_s, 0.0)),
+            bytes=int(result.bytes_sent), members=len(result.members), t=float(dht_time())))
+        if not result.ok:
+            self._weight_in_flight = 0  # those samples count towards the next attempt
+            c.rounds_failed += 1
+            if result.error != NO_PEER:
+                log.info("round %d not completed (%s); continuing to train", self.round + 1, result.error)
+            elif self._alone.due(time.monotonic()):
+                if c.peers_seen == 0:
+                    log.info("round %d not completed (%s): no other peer is in run %r now. Training alone and retrying "
+                             "quietly; if other peers should be here, check the run id (--swarm.run-id)",
+                             self.round + 1, NO_PEER, self.config.swarm.run_id)
+                else:
+                    log.info("round %d not completed (%s): %d other peer(s) in the run, none at this round with this "
+                             "state. Training on and retrying quietly", self.round + 1, NO_PEER, c.peers_seen)
+            self.reconcile()
+            return
+        self._alone.reset()
+        assert result.mean_delta is not None
+        theta = self.outer.apply(result.mean_delta)
+        local = flatten_params(self.params).cpu()
+        write_flat_(self.params, (theta + (local - snap)).to(self.device))
+        self.round += 1
+        c.rounds_ok += 1
+        c.samples_averaged += min(self._weight_in_flight, c.samples_since_sync)
+        c.samples_since_sync = max(0, c.samples_since_sync - self._weight_in_flight)
+        self._weight_in_flight = 0
+        c.bytes_sent += result.bytes_sent
+        c.bytes_recv += result.bytes_sent  # all-reduce traffic is symmetric: each member receives what it sends
+        self.set_state(SwarmState(self.round, self.fingerprint, theta, self.outer.momentum_buf, c.total_samples))
+        if self.ckpt is not None and self.round % self.config.checkpoint.every_rounds == 0:
+            self.save_checkpoint()
+        log.info("round %d complete: %d peers, %.2fs", self.round, len(result.members), result.duration_s)
+
+    def _sync_overlapped(self) -> RoundResult | None:
+        result = self._collect_in_flight()
+        assert self._pool is not None
+        snap = flatten_params(self.params).cpu()
+        self._weight_in_flight = max(self.counters.samples_since_sync, 1)
+        self._in_flight = (self._pool.submit(self._run_round, snap, float(self._weight_in_flight)), snap)
+        self.schedule.done(True)  # the next sync point is a full period away
+        return result
+
+    def _collect_in_flight(self) -> RoundResult | None:
+        """Wait for the round in flight (if any) and apply it."""
+        if self._in_flight is None:
+            return None
+        future, snap = self._in_flight
+        self._in_flight = None
+        result = future.result()  # bounded: the averager's own timeouts
+        self._finish_round(result, snap)
+        return result
+
+    # ------------------------------------------------------------------ state
+    def set_state(self, state: SwarmState) -> None:
+        # SwarmState is immutable and θ_sync is replaced (never mutated) by the outer step,
+        # so the state server can serialize this reference from its own thread.
+        self.state = state
+        self.digest = tensor_digest(state.theta_sync)
+        self._on_state(True)
+
+    def adopt(self, state: SwarmState, source: str, carry: bool = False) -> None:
+        """Continue from `state` (a download or a checkpoint).
+
+        `carry`: keep this peer's local progress. The stale-contribution rule: progress made
+        since our last θ_sync, p = θ_local − θ_sync_old, is put on top of the swarm's newer
+        θ_sync (θ_local := θ_sync_new + p, as overlap mode does with a round in flight) when
+        θ_sync_old is at most `sync.max_stale_rounds` rounds older; its samples stay pending,
+        so the next round averages Δ = θ_sync − θ_local = −p with them as its weight, through
+        the normal outer step (no separate delayed momentum). Older progress is dropped and
+        its samples counted as discarded. Measured effect on loss: docs/benchmarks.md.
+        """
+        c = self.counters
+        self.catch_up = (0, "")  # announced with the new state by set_state below
+        progress = None
+        stale = state.round - self.round
+        if carry and c.samples_since_sync > 0:
+            if stale <= self.config.sync.max_stale_rounds:
+                progress = flatten_params(self.params).cpu() - self.outer.theta_sync  # [P] fp32, on the host
+            else:
+                log.info("dropping %d samples of local progress: it is %d rounds older than the swarm's state "
+                         "(--sync.max-stale-rounds %d)", c.samples_since_sync, stale, self.config.sync.max_stale_rounds)
+        self.outer.load_state_dict({"theta_sync": state.theta_sync, "momentum_buf": state.momentum_buf})
+        theta = self.outer.theta_sync if progress is None else self.outer.theta_sync + progress
+        write_flat_(self.params, theta.to(self.device))
+        self.round = state.round
+        if progress is None:
+            c.samples_discarded += c.samples_since_sync
+            c.samples_since_sync = 0
+        if self._averager is not None:
+            self._averager.reset_compression()
+        self.set_state(SwarmState(state.round, self.fingerprint, self.outer.theta_sync, self.outer.momentum_buf,
+                                  c.total_samples))
+        log.info("continuing from round %d (%s)%s", self.round, source,
+                 f", carrying {c.samples_since_sync} samples of local progress" if progress is not None else "")
+
+    def save_checkpoint(self) -> Path:
+        assert self.ckpt is not None
+        return self.ckpt.save(self.state)
+
+    def resume_from_checkpoint(self) -> None:
+        assert self.ckpt is not None
+        path = self.ckpt.latest()
+        if path is None:
+            log.info("no checkpoint in %s; starting fresh", self.ckpt.path)
+            return
+        state = CheckpointDir.load(path, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel())
+        self.adopt(state, f"checkpoint {path}")
+
+    # ------------------------------------------------------------------ the swarm, as this loop sees it
+    def meeting_key(self) -> str:
+        # Only peers with the same model, round and θ_sync can average meaningfully.
+        # The codec is part of the key too: peers with different codecs cannot share a round.
+        return f"{self.fingerprint}.{self.config.sync.compression}.{self.digest[:16]}"
+
+    def others(self) -> list[PeerRecord]:
+        assert self._dht is not None
+        others = [r for pid, r in live_peers(self._dht).items() if pid != self.peer_id]
+        self.counters.peers_seen = len(others)
+        return others
+
+    def expected_group_size(self) -> int:
+        banned = self._averager.banned if self._averager is not None else set()
+        here = (self.round, self.digest)
+        # Peers at this state, and peers downloading it to join this round (they announce it).
+        same = [r for r in self.others() if r.role == "trainer" and r.fingerprint == self.fingerprint
+                and here in ((r.round, r.digest), (r.catch_up_round, r.catch_up_digest)) and r.peer_id not in banned]
+        return 1 + len(same)
+
+    def reconcile(self, startup: bool = False, passes: int = 3) -> None:
+        """If the swarm is ahead of us, or agrees on a different θ_sync at our round, download its state.
+
+        The swarm's state is what most live peers announce (membership.better_states), not
+        the highest round any one record claims. When a download fails, the records are read
+        again: a supporter that has moved on was a stale view (nothing to hold against it);
+        one that still announces the state no download could back is a liar, or broken: its
+        claim is dropped for good and it gets a strike (repeat offenders are banned, as for
+        rejected contributions). So one lying record cannot strand a joiner. Bounded: at
+        most `passes` downloads per call; the next failed round calls again.
+        """
+        for _ in range(passes):
+            peers = [r for r in self.others() if r.fingerprint == self.fingerprint
+                     and (r.peer_id, r.round, r.digest) not in self._unbacked]
+            if not peers or max(r.round for r in peers) < self.round:
+                return
+            mine = PeerRecord(peer_id=self.peer_id, round=self.round, fingerprint=self.fingerprint, schema="",
+                              digest=self.digest, host="", port=0)
+            states = better_states([*peers, mine], self.round, self.digest)
+            if not states:
+                return
+            round_, digest, supporters = states[0]
+            donors = donors_for(peers, round_, digest)
+            self._announce_catch_up(round_, digest)
+            try:
+                state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
+                                       timeout=self.config.sync.join_timeout * 4, requester=self.peer_id)
+            except StateError as e:
+                self._announce_catch_up(0, "")
+                log.warning("could not catch up with round %d announced by %d peer(s): %s", round_, len(supporters), e)
+                self._drop_unbacked(round_, digest)
+                continue
+            self.adopt(state, f"downloaded from peer {donors[0].peer_id[-8:]}" + (" at startup" if startup else ""),
+                       carry=not startup)
+            self.schedule.after_next_step()  # the peers at this state are waiting for us in their next round
+            return
+
+    def _drop_unbacked(self, round_: int, digest: str) -> None:
+        """After a failed download of (round_, digest): strike and ignore the peers that still claim it."""
+        still = [r.peer_id for r in self.others() if (r.round, r.digest) == (round_, digest)]
+        if len(self._unbacked) > 10_000:  # bounded: forget old claims rather than grow for ever
+            self._unbacked.clear()
+        for pid in still:
+            self._unbacked.add((pid, round_, digest))
+            if self._averager is not None:
+                self._averager.strike(pid, f"announced round {round_} that no download could back")
+
+    def _announce_catch_up(self, round_: int, digest: str) -> None:
+        """Tell the swarm (now, before a download that may take longer than a round) which state
+        this peer is fetching, so the peers there wait for it; (0, "") when done or failed."""
+        self.catch_up = (round_, digest)
+        self._on_state(False)
+        if self._announcer is not None:
+            try:
+                self._announcer.publish()
+            except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; the download goes on
+                log.debug("could not announce the catch-up: %s", e)
+
+    def hand_off(self, timeout: float = 20.0) -> None:
+        """Before leaving, let peers that are behind fetch our newer state (bounded wait).
+
+        Without this, the last trainers of a run could leave right after the final round,
+        and an archivist, or a trainer that was just restarted and is one round behind,
+        would have nobody left to download it from.
+        """
+        deadline = time.monotonic() + timeout
+        announced = False
+        while time.monotonic() < deadline:
+            try:
+                behind = [r for r in self.others() if r.fingerprint == self.fingerprint and r.round < self.round]
+            except Exception as e:  # the DHT may already be failing while we leave; leave anyway
+                log.warning("could not check for archivists while leaving: %s", e)
+                return
+            if not behind:
+                return
+            if not announced:
+                log.info("leaving: waiting up to %.0fs for %d peer(s) behind to fetch round %d", timeout, len(behind), self.round)
+                announced = True
+            time.sleep(0.5)
+        log.warning("leaving without handing round %d to every peer behind (timed out)", self.round)
+
+    def metrics(self) -> dict[str, Any]:
+        """The counters published in this peer's DHT record (read by the monitor and ledger)."""
+        c = self.counters
+        return dict(
+            step=c.local_step, samples=c.total_samples, loss=self.last_loss,
+            samples_per_s=float(self.samples_per_s), compute_s=float(self.clock.compute_s()),
+            rounds_ok=c.rounds_ok, rounds_failed=c.rounds_failed, bytes_sent=c.bytes_sent, bytes_recv=c.bytes_recv,
+            recent=tuple(self.outcomes),
+        )

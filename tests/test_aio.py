@@ -101,3 +101,24 @@ async def test_cancelling_a_peers_task_leaves_no_thread_process_or_port():
     assert not leftover, f"threads left behind: {leftover}"
     assert _children() <= children, "a child process (the DHT) was left behind"
     assert not _own_listeners() - ports, "a listening port was left behind"
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(180)
+async def test_the_documented_async_example(capsys):
+    """docs/python-api.md's AsyncPeer example, as written (host="127.0.0.1" added), twice on one loop."""
+    from .test_docs import _python_blocks
+
+    script = next(t for t in _python_blocks("docs/python-api.md") if "AsyncPeer(" in t)
+    old = "SwarmConfig(initial_peers=[addr])"
+    assert old in script
+    ns: dict = {}
+    exec(compile(script.replace(old, 'SwarmConfig(initial_peers=[addr], host="127.0.0.1")'), "python-api.md", "exec"), ns)
+    boot = SwarmDHT.start("swarmtrain-demo", host_maddrs=["/ip4/127.0.0.1/tcp/0"])  # the default run id
+    try:
+        addr = boot.visible_maddrs()[0]
+        await asyncio.gather(ns["main"](addr), ns["main"](addr))
+    finally:
+        boot.shutdown()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("PeerStats(")]
+    assert len(printed) == 2 and all("round=10," in line and "samples_discarded=0," in line for line in printed), printed

@@ -193,10 +193,18 @@ class SwarmConfig:
                              "(create one and print its id with: swarm-bootstrap keygen --identity FILE)")
 
 
+# The default schedule: every peer syncs at the same wall-clock instants (multiples of T since
+# the epoch), so a fast peer never waits for a slow one beyond one of its steps; each
+# contributes what it computed, weighted by samples. Step-based sync (every H steps) makes
+# the swarm run at its slowest peer's pace: docs/running-a-peer.md#when-peers-sync.
+DEFAULT_EVERY_SECONDS = 30.0
+
+
 @dataclass(kw_only=True)
 class SyncConfig:
-    every_steps: int = doc(50, "H: average after this many inner steps (0 = use every_seconds only)")
-    every_seconds: float = doc(0.0, "T: average every T seconds of wall-clock time (0 = use every_steps only)")
+    every_steps: int = doc(0, "H: average after this many inner steps (0 = time-based only)")
+    every_seconds: float | None = doc(None, f"T: average at every multiple of T seconds of wall-clock time; "
+                                            f"default {DEFAULT_EVERY_SECONDS:g} if every_steps is 0, else 0 (step-based only)")
     outer_lr: float = doc(0.7, "outer learning rate (1.0 with momentum 0 = plain parameter averaging)")
     outer_momentum: float = doc(0.9, "outer momentum")
     nesterov: bool = doc(True, "use Nesterov momentum in the outer step")
@@ -221,6 +229,8 @@ class SyncConfig:
                                "which cannot drop a bad contribution (a NaN fails the round)")
 
     def __post_init__(self) -> None:
+        if self.every_seconds is None:  # resolved once, here: setting only H means step-based
+            self.every_seconds = DEFAULT_EVERY_SECONDS if self.every_steps == 0 else 0.0
         if self.every_steps < 0 or self.every_seconds < 0:
             raise ValueError("every_steps and every_seconds must be >= 0")
         if self.every_steps == 0 and self.every_seconds == 0:

@@ -62,6 +62,7 @@ class Variant:
     kind: str  # "single" | "ddp" | "swarm"
     label: str
     every: int = 0  # H, swarm only
+    every_seconds: float = 0.0  # T, swarm only: time-based sync (then `every` is 0)
     outer_lr: float = 0.7
     momentum: float = 0.9
     codec: str = "fp32"
@@ -82,6 +83,9 @@ SWEEP: tuple[Variant, ...] = (
     Variant(name="diloco-h50-olr0.4", kind="swarm", label="DiLoCo H=50, outer lr 0.4", every=50, outer_lr=0.4),
     Variant(name="diloco-h50-m0.5", kind="swarm", label="DiLoCo H=50, outer lr 0.7, momentum 0.5", every=50,
             momentum=0.5),
+    # Time-based sync (the default since 2026-12: every peer syncs at the same wall-clock instants).
+    Variant(name="diloco-t10", kind="swarm", label="DiLoCo T=10 s", every_seconds=10.0),
+    Variant(name="diloco-t30", kind="swarm", label="DiLoCo T=30 s (the default)", every_seconds=30.0),
 )
 BY_NAME = {v.name: v for v in (*VARIANTS, *SWEEP)}
 
@@ -236,10 +240,11 @@ def swarm_peer_args(variant: Variant, setup: Setup, seed: int, rank: int) -> lis
         "--swarm.host", "127.0.0.1", "--train.threads", "1", "--train.seed", str(seed),
         "--train.max-steps", str(setup.steps), "--train.lr", str(setup.lr),
         "--train.eval-batches", str(setup.eval_batches),
-        "--train.eval-every-rounds", str(max(1, setup.eval_every_steps // variant.every)),
+        "--train.eval-every-rounds", str(max(1, setup.eval_every_steps // variant.every) if variant.every else 1),
         "--data.batch-size", str(setup.batch_size), "--data.max-bytes", str(setup.max_bytes),
         "--data.shard", f"{rank}/{setup.peers}",
-        "--sync.every-steps", str(variant.every), "--sync.outer-lr", str(variant.outer_lr),
+        "--sync.every-steps", str(variant.every), "--sync.every-seconds", str(variant.every_seconds),
+        "--sync.outer-lr", str(variant.outer_lr),
         "--sync.outer-momentum", str(variant.momentum), "--sync.compression", variant.codec,
         # Every round waits for all workers, so each outer step averages exactly `peers` workers.
         "--sync.min-group-size", str(setup.peers), "--sync.matchmaking-window", "60",

@@ -11,7 +11,8 @@ a 2-core machine. Per scenario it prints one Markdown row:
     either: they had no round to go into);
   - fast peers' time blocked in sync: mean of sync_wait_s / wall_s over the peers with slow = 1;
   - rounds: the swarm's last round, and failed attempts summed over peers;
-  - agreement: every peer that finished ends at the same round and θ_sync digest.
+  - agreement: every peer that finished ends at the same round and θ_sync digest;
+  - val loss: MSE of the swarm's θ_sync on a fixed validation set at the end.
 Results are appended to benchmarks/swarm/results.jsonl.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from averaging.dht import SwarmDHT
@@ -41,7 +42,7 @@ class Scenario:
     max_group: int = 64
     crash: int | None = None  # index of a peer SIGKILLed mid-transfer of round 3
     late: int | None = None  # index of a peer started LATE_S after the others
-    extra: tuple[str, ...] = field(default=())
+    max_stale: int | None = None  # sync.max_stale_rounds; 0 = drop a left-out peer's work (before 2026-12)
 
 
 LATE_S = 15.0
@@ -52,6 +53,11 @@ SCENARIOS = (
     Scenario(name="3 peers, one 8x slower, every 40 steps", slow=(1, 1, 8)),
     Scenario(name="3 peers, one 12x slower, every 40 steps", slow=(1, 1, 12)),
     Scenario(name="3 peers, one 4x slower, every 4 s", slow=(1, 1, 4), every_steps=0, every_seconds=4.0),
+    Scenario(name="3 peers, one 8x slower, every 4 s", slow=(1, 1, 8), every_steps=0, every_seconds=4.0),
+    Scenario(name="3 peers, one 12x slower, every 4 s", slow=(1, 1, 12), every_steps=0, every_seconds=4.0),
+    Scenario(name="8 peers, max_group_size 3, every 4 s", slow=(1,) * 8, max_group=3, every_steps=0, every_seconds=4.0),
+    # The stale-contribution rule against dropping a left-out peer's work, on the loss:
+    Scenario(name="3 peers, one 12x slower, every 40 steps, work dropped", slow=(1, 1, 12), max_stale=0),
     Scenario(name="4 peers, one SIGKILLed mid-transfer", slow=(1,) * 4, crash=3),
     Scenario(name="4 peers, one joins 15 s late", slow=(1,) * 4, late=3),
 )
@@ -68,7 +74,8 @@ def run(sc: Scenario, rounds: int, work: Path) -> dict:
                     "--run-id", boot.run_id, "--seed", str(i), "--slow", str(sc.slow[i]),
                     "--every-steps", str(sc.every_steps), "--every-seconds", str(sc.every_seconds),
                     "--max-group", str(sc.max_group), "--rounds", str(rounds),
-                    *(["--crash-at-round", "3"] if sc.crash == i else [])]
+                    *(["--crash-at-round", "3"] if sc.crash == i else []),
+                    *(["--max-stale", str(sc.max_stale)] if sc.max_stale is not None else [])]
             return subprocess.Popen(args, cwd=REPO, stdout=open(work / f"{i}.log", "w"), stderr=subprocess.STDOUT,
                                     start_new_session=True)
 
@@ -92,6 +99,7 @@ def run(sc: Scenario, rounds: int, work: Path) -> dict:
         share_averaged=averaged / max(averaged + discarded, 1), fast_blocked=sum(fast) / max(len(fast), 1),
         last_round=max((p["round"] for p in peers), default=0), failed=sum(p["rounds_failed"] for p in peers),
         agree=len({(p["round"], p["digest"]) for p in peers}) == 1,
+        val_loss=min((p["val_loss"] for p in peers if p["round"] == max(q["round"] for q in peers)), default=float("nan")),
     )
 
 
@@ -101,8 +109,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     a = ap.parse_args()
     chosen = [s for s in SCENARIOS if not a.only or any(o in s.name for o in a.only)]
-    print("| scenario | samples in an average | fast peers blocked | last round, failed attempts | agree |")
-    print("|---|---|---|---|---|")
+    print("| scenario | samples in an average | fast peers blocked | last round, failed attempts | agree | val loss |")
+    print("|---|---|---|---|---|---|")
     for sc in chosen:
         with tempfile.TemporaryDirectory(prefix="swarm-bench-") as d:
             r = run(sc, a.rounds, Path(d))
@@ -110,7 +118,7 @@ def main() -> None:
         with open(REPO / "benchmarks" / "swarm" / "results.jsonl", "a") as f:
             f.write(json.dumps({**r, **asdict(sc)}) + "\n")
         print(f"| {sc.name} | {r['share_averaged']:.1%} | {r['fast_blocked']:.0%} | {r['last_round']}, {r['failed']} | "
-              f"{'yes' if r['agree'] else 'NO'} ({r['finished']}/{r['peers']} finished) |", flush=True)
+              f"{'yes' if r['agree'] else 'NO'} ({r['finished']}/{r['peers']} finished) | {r['val_loss']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Stops once the peer reaches `--rounds` (or after `--limit-s`) and writes one JSO
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from averaging.faults import Tamper
+from averaging.flat import write_flat_
 from peer import Peer, PeerConfig, SwarmConfig, SyncConfig
 
 
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--limit-s", type=float, default=240.0)
     ap.add_argument("--crash-at-round", type=int, default=0, help="SIGKILL this peer mid-transfer of this round")
+    ap.add_argument("--max-stale", type=int, default=None, help="sync.max_stale_rounds (default: the config's)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)  # one initialisation for every peer
@@ -42,7 +45,8 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.02)
     cfg = PeerConfig(swarm=SwarmConfig(run_id=a.run_id, initial_peers=[a.join], host="127.0.0.1"),
                      sync=SyncConfig(every_steps=a.every_steps, every_seconds=a.every_seconds, max_group_size=a.max_group,
-                                     matchmaking_window=a.window, allreduce_timeout=20))
+                                     matchmaking_window=a.window, allreduce_timeout=20,
+                                     **({} if a.max_stale is None else {"max_stale_rounds": a.max_stale})))
     gen = torch.Generator().manual_seed(100 + a.seed)
     with Peer(model, opt, cfg) as peer:
         t0 = time.monotonic()
@@ -55,11 +59,17 @@ def main() -> None:
             computed = time.monotonic() - t - (peer.sync_wait_s - waited)  # this step's compute, its sync excluded
             time.sleep(max(0.0, a.step_s * a.slow - computed))
         wall = time.monotonic() - t0
+    # The swarm's model (θ_sync), on a fixed validation set: comparable across peers and runs.
+    agreed = copy.deepcopy(model)
+    write_flat_([p for p in agreed.parameters()], peer.state.theta_sync)
+    xv = torch.randn(2048, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        val = nn.functional.mse_loss(agreed(xv), xv @ w_true).item()
     with open(a.out, "w") as f:
         json.dump(dict(slow=a.slow, total=peer.total_samples, averaged=peer.samples_averaged,
                        discarded=peer.samples_discarded, pending=peer.samples_since_sync, wait_s=peer.sync_wait_s,
                        wall_s=wall, rounds_ok=peer.rounds_ok, rounds_failed=peer.rounds_failed, round=peer.round,
-                       digest=peer.digest), f)
+                       digest=peer.digest, val_loss=val), f)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +84,27 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
                                  + proc.logfile.read_text(errors="replace")[-3000:])  # type: ignore[attr-defined]
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def run_peers(n: int, train, timeout: float = 200.0) -> None:
+    """Run train(i) for i in range(n), each in its own thread (in-process peers); re-raise
+    the first failure, and fail if any is still running after `timeout` seconds."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            train(i)
+        except BaseException as e:  # surfaced in the test's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,), name=f"peer{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    if errors:
+        raise errors[0]
+    assert all(not t.is_alive() for t in threads), f"a peer thread did not finish within {timeout}s"
 
 
 def wait_exit(procs: Procs, p: subprocess.Popen, timeout: float) -> int:

@@ -15,6 +15,7 @@ from averaging.hierarchy import hierarchical_allreduce, subgroups
 from averaging.matchmaking import Group
 from peer import Peer, PeerConfig, SwarmConfig, SyncConfig
 
+from .conftest import run_peers
 from .test_codecs import _run_group
 
 
@@ -83,32 +84,23 @@ def test_more_peers_than_the_cap_all_average_in_one_round_and_agree():
         addr = boot.visible_maddrs()
         init = nn.Linear(4, 1).state_dict()
         out: dict[int, tuple] = {}
-        errors: list[BaseException] = []
         started = threading.Barrier(n, timeout=90)
 
         def train(i: int) -> None:
-            try:
-                model = nn.Linear(4, 1)
-                model.load_state_dict(init)
-                cfg = PeerConfig(swarm=SwarmConfig(run_id="hier", initial_peers=addr, host="127.0.0.1"),
-                                 sync=SyncConfig(every_steps=5, max_group_size=2, matchmaking_window=20,
-                                                 allreduce_timeout=20))
-                gen = torch.Generator().manual_seed(i)
-                with Peer(model, torch.optim.SGD(model.parameters(), lr=0.05), cfg) as peer:
-                    started.wait()
-                    while peer.round < rounds and peer.local_step < 200:
-                        x = torch.randn(8, 4, generator=gen)
-                        peer.step(nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)), samples=len(x))
-                out[i] = (peer.round, peer.digest, [len(r.members) for r in peer.history if r.ok], peer.samples_discarded)
-            except BaseException as e:  # surfaced below
-                errors.append(e)
+            model = nn.Linear(4, 1)
+            model.load_state_dict(init)
+            cfg = PeerConfig(swarm=SwarmConfig(run_id="hier", initial_peers=addr, host="127.0.0.1"),
+                             sync=SyncConfig(every_steps=5, max_group_size=2, matchmaking_window=20,
+                                             allreduce_timeout=20))
+            gen = torch.Generator().manual_seed(i)
+            with Peer(model, torch.optim.SGD(model.parameters(), lr=0.05), cfg) as peer:
+                started.wait()
+                while peer.round < rounds and peer.local_step < 200:
+                    x = torch.randn(8, 4, generator=gen)
+                    peer.step(nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)), samples=len(x))
+            out[i] = (peer.round, peer.digest, [len(r.members) for r in peer.history if r.ok], peer.samples_discarded)
 
-        threads = [threading.Thread(target=train, args=(i,), name=f"peer{i}") for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=200)
-        assert not errors, errors
+        run_peers(n, train)
     finally:
         boot.shutdown()
     assert len({(r, d) for r, d, _, _ in out.values()}) == 1, out

@@ -15,6 +15,8 @@ from torch import nn
 from averaging.dht import SwarmDHT
 from peer import Peer, PeerConfig, SwarmConfig, SyncConfig
 
+from .conftest import run_peers
+
 ROUNDS = 4
 STEP_S = 0.1  # every peer's emulated compute per step: a 10-step period takes 1 s
 HICCUP_S = 1.5  # peer 2's one slow step in its first period: it arrives 1.5 s late, the window is 1 s
@@ -28,39 +30,29 @@ def test_a_left_out_peers_samples_reach_a_later_average():
         w_true = torch.randn(8, 1, generator=torch.Generator().manual_seed(0))
         init = nn.Linear(8, 1).state_dict()
         out: dict[int, dict] = {}
-        errors: list[BaseException] = []
         started = threading.Barrier(3, timeout=60)
 
         def train(i: int) -> None:
-            try:
-                model = nn.Linear(8, 1)
-                model.load_state_dict(init)
-                opt = torch.optim.SGD(model.parameters(), lr=0.05)
-                cfg = PeerConfig(swarm=SwarmConfig(run_id="no-discard", initial_peers=addr, host="127.0.0.1"),
-                                 sync=SyncConfig(every_steps=10, matchmaking_window=1.0, allreduce_timeout=20))
-                gen = torch.Generator().manual_seed(100 + i)
-                with Peer(model, opt, cfg) as peer:
-                    started.wait()
-                    while peer.round < ROUNDS and peer.local_step < 400:
-                        x = torch.randn(16, 8, generator=gen)
-                        peer.step(nn.functional.mse_loss(model(x), x @ w_true), samples=len(x))
-                        # Emulated compute (not a wait for an event): equal speeds, but one long step for peer 2.
-                        time.sleep(STEP_S + (HICCUP_S if i == 2 and peer.local_step == 5 else 0.0))
-                me = peer.peer_id
-                in_weights = sum(r.weights[r.members.index(me)] for r in peer.history if r.ok)
-                out[i] = dict(total=peer.total_samples, averaged=peer.samples_averaged, discarded=peer.samples_discarded,
-                              pending=peer.samples_since_sync, in_weights=in_weights, failed=peer.rounds_failed,
-                              left_out=[r.ok for r in peer.history], digest=peer.digest, round=peer.round)
-            except BaseException as e:  # surfaced below
-                errors.append(e)
+            model = nn.Linear(8, 1)
+            model.load_state_dict(init)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            cfg = PeerConfig(swarm=SwarmConfig(run_id="no-discard", initial_peers=addr, host="127.0.0.1"),
+                             sync=SyncConfig(every_steps=10, matchmaking_window=1.0, allreduce_timeout=20))
+            gen = torch.Generator().manual_seed(100 + i)
+            with Peer(model, opt, cfg) as peer:
+                started.wait()
+                while peer.round < ROUNDS and peer.local_step < 400:
+                    x = torch.randn(16, 8, generator=gen)
+                    peer.step(nn.functional.mse_loss(model(x), x @ w_true), samples=len(x))
+                    # Emulated compute (not a wait for an event): equal speeds, but one long step for peer 2.
+                    time.sleep(STEP_S + (HICCUP_S if i == 2 and peer.local_step == 5 else 0.0))
+            me = peer.peer_id
+            in_weights = sum(r.weights[r.members.index(me)] for r in peer.history if r.ok)
+            out[i] = dict(total=peer.total_samples, averaged=peer.samples_averaged, discarded=peer.samples_discarded,
+                          pending=peer.samples_since_sync, in_weights=in_weights, failed=peer.rounds_failed,
+                          left_out=[r.ok for r in peer.history], digest=peer.digest, round=peer.round)
 
-        threads = [threading.Thread(target=train, args=(i,), name=f"peer{i}") for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=200)
-        assert not errors, errors
-        assert all(not t.is_alive() for t in threads)
+        run_peers(3, train)
     finally:
         boot.shutdown()
     # Peer 2 reached its first sync point after the others' window had closed: it was left out.

@@ -146,7 +146,8 @@ def main(argv: list[str]) -> int:
     # The same flags swarm-peer takes (--swarm.*) work here too, so a command can be copied over.
     p.add_argument("--run-id", "--swarm.run-id", dest="run_id", default="swarmtrain-demo", help="the run to show")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the first peer records")
+    # A fresh client DHT node on a loaded machine can need several seconds to find the records.
+    p.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the first peer records")
     p.add_argument("--secret-file", "--swarm.secret-file", dest="secret_file", default="", help="a private run's shared secret (needed to read its records)")
     p.add_argument("--allowlist-file", "--swarm.allowlist-file", dest="allowlist_file", default="", help="a private run's allowlist (needed to read its records)")
     ns = p.parse_args(argv)

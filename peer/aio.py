@@ -93,6 +93,7 @@ class AsyncPeer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if not peer._rounds.tick(samples, None if loss is None else loss.detach()):
+            await asyncio.sleep(0)  # let the loop's other tasks run between steps, as a cooperative task should
             return None
         return await self.sync()
 

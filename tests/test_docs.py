@@ -857,7 +857,7 @@ def test_python_api_snippets(tmp_path, monkeypatch):
 
     doc = (REPO / "docs" / "python-api.md").read_text()
     with pytest.raises(ValueError) as e:
-        SyncConfig(every_steps=0)
+        SyncConfig(every_steps=0, every_seconds=0)
     assert f"`ValueError: {e.value}`" in doc
     assert issubclass(configlib.ConfigError, ValueError)
     # the exception tree, as drawn

@@ -94,6 +94,9 @@ class RoundLoop:
         self._alone = _AloneNotice()
         self._unbacked: set[tuple[str, int, str]] = set()  # (peer id, round, digest) claims no download backed
         self._weight_in_flight = 0
+        # Weight taken off the pending samples for staleness (the stale-contribution rule, `adopt`):
+        # the next round's weight is samples_since_sync − _stale_cut.
+        self._stale_cut = 0.0
         self._in_flight: tuple[Future, torch.Tensor] | None = None
         # Overlap mode: one worker thread owned by this loop runs rounds in the background.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="swarmtrain-sync") if config.sync.overlap else None
@@ -172,7 +175,7 @@ class RoundLoop:
                 return self._sync_overlapped()
             snap = flatten_params(self.params).cpu()
             self._weight_in_flight = self.counters.samples_since_sync
-            result = self._run_round(snap, float(max(self.counters.samples_since_sync, 1)))
+            result = self._run_round(snap, self._weight())
             self._finish_round(result, snap)
             self.schedule.done(result.ok)
             return result
@@ -247,6 +250,7 @@ class RoundLoop:
         c.samples_averaged += min(self._weight_in_flight, c.samples_since_sync)
         c.samples_since_sync = max(0, c.samples_since_sync - self._weight_in_flight)
         self._weight_in_flight = 0
+        self._stale_cut = 0.0  # the carried samples were in this round; what is pending now is fresh
         c.bytes_sent += result.bytes_sent
         c.bytes_recv += result.bytes_sent  # all-reduce traffic is symmetric: each member receives what it sends
         self.set_state(SwarmState(self.round, self.fingerprint, theta, self.outer.momentum_buf, c.total_samples))
@@ -254,12 +258,17 @@ class RoundLoop:
             self.save_checkpoint()
         log.info("round %d complete: %d peers, %.2fs", self.round, len(result.members), result.duration_s)
 
+    def _weight(self) -> float:
+        """This round's weight: the samples since the last completed round, those carried from
+        stale progress discounted (see `adopt`); never below 1."""
+        return max(float(self.counters.samples_since_sync) - self._stale_cut, 1.0)
+
     def _sync_overlapped(self) -> RoundResult | None:
         result = self._collect_in_flight()
         assert self._pool is not None
         snap = flatten_params(self.params).cpu()
         self._weight_in_flight = max(self.counters.samples_since_sync, 1)
-        self._in_flight = (self._pool.submit(self._run_round, snap, float(self._weight_in_flight)), snap)
+        self._in_flight = (self._pool.submit(self._run_round, snap, self._weight()), snap)
         self.schedule.done(True)  # the next sync point is a full period away
         return result
 
@@ -285,12 +294,14 @@ class RoundLoop:
         """Continue from `state` (a download or a checkpoint).
 
         `carry`: keep this peer's local progress. The stale-contribution rule: progress made
-        since our last θ_sync, p = θ_local − θ_sync_old, is put on top of the swarm's newer
-        θ_sync (θ_local := θ_sync_new + p, as overlap mode does with a round in flight) when
-        θ_sync_old is at most `sync.max_stale_rounds` rounds older; its samples stay pending,
-        so the next round averages Δ = θ_sync − θ_local = −p with them as its weight, through
-        the normal outer step (no separate delayed momentum). Older progress is dropped and
-        its samples counted as discarded. Measured effect on loss: docs/benchmarks.md.
+        since our last θ_sync, p = θ_local − θ_sync_old, over n samples, was computed at a
+        θ_sync τ rounds older than the swarm's. If τ ≤ `sync.max_stale_rounds`, it is put on
+        top of the swarm's θ_sync damped, θ_local := θ_sync_new + p / (1 + τ), and its samples
+        stay pending with weight n / (1 + τ), so the next round averages Δ = −p / (1 + τ)
+        through the normal outer step. Staleness-aware damping (as in Zhang et al. 2016): p
+        partly repeats the way the swarm has already gone since θ_sync_old, and undamped it
+        overshoots (measured: docs/benchmarks.md, "Every volunteer's work counts"). Older
+        progress is dropped and its samples counted as discarded.
         """
         c = self.counters
         self.catch_up = (0, "")  # announced with the new state by set_state below
@@ -298,7 +309,8 @@ class RoundLoop:
         stale = state.round - self.round
         if carry and c.samples_since_sync > 0:
             if stale <= self.config.sync.max_stale_rounds:
-                progress = flatten_params(self.params).cpu() - self.outer.theta_sync  # [P] fp32, on the host
+                damp = 1 + max(stale, 0)
+                progress = (flatten_params(self.params).cpu() - self.outer.theta_sync) / damp  # [P] fp32, on the host
             else:
                 log.info("dropping %d samples of local progress: it is %d rounds older than the swarm's state "
                          "(--sync.max-stale-rounds %d)", c.samples_since_sync, stale, self.config.sync.max_stale_rounds)
@@ -309,6 +321,10 @@ class RoundLoop:
         if progress is None:
             c.samples_discarded += c.samples_since_sync
             c.samples_since_sync = 0
+            self._stale_cut = 0.0
+        else:  # the carried samples' weight, already discounted once if carried before, divided by 1 + τ
+            kept = (c.samples_since_sync - self._stale_cut) / damp
+            self._stale_cut = c.samples_since_sync - kept
         if self._averager is not None:
             self._averager.reset_compression()
         self.set_state(SwarmState(state.round, self.fingerprint, self.outer.theta_sync, self.outer.momentum_buf,

@@ -114,7 +114,8 @@ def main() -> None:
     for sc in chosen:
         with tempfile.TemporaryDirectory(prefix="swarm-bench-") as d:
             r = run(sc, a.rounds, Path(d))
-        r.update(machine=f"{platform.node()} {platform.processor() or platform.machine()}", date=time.strftime("%Y-%m-%d"))
+        r.update(machine=f"{platform.node()} {platform.processor() or platform.machine()}", date=time.strftime("%Y-%m-%d"),
+                 rounds=a.rounds)
         with open(REPO / "benchmarks" / "swarm" / "results.jsonl", "a") as f:
             f.write(json.dumps({**r, **asdict(sc)}) + "\n")
         print(f"| {sc.name} | {r['share_averaged']:.1%} | {r['fast_blocked']:.0%} | {r['last_round']}, {r['failed']} | "

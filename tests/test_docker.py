@@ -281,7 +281,7 @@ def test_compose_peer_command_parses_with_the_real_parser():
     assert cfg.checkpoint.dir == "/data/peers/slot-0/checkpoints" and cfg.checkpoint.resume
     assert cfg.train.summary_file == "/data/peers/slot-0/summary.json"
     assert penv["SWARM_SLOTS_DIR"] == "/data/peers"
-    assert (cfg.sync.every_steps, cfg.sync.every_seconds) == (0, 30.0) and cfg.sync.compression == "fp32" and cfg.train.threads == 1
+    assert (cfg.sync.every_steps, cfg.sync.every_seconds) == (0, 10.0) and cfg.sync.compression == "fp32" and cfg.train.threads == 1
     assert cfg.log.format == "text" and cfg.swarm.secret_file == ""
     # the run id is the bootstrap's
     assert cfg.swarm.run_id == bootstrap_cli.parse(compose()["services"]["bootstrap"]["command"]).run_id

@@ -84,8 +84,8 @@ SWEEP: tuple[Variant, ...] = (
     Variant(name="diloco-h50-m0.5", kind="swarm", label="DiLoCo H=50, outer lr 0.7, momentum 0.5", every=50,
             momentum=0.5),
     # Time-based sync (the default since 2026-12: every peer syncs at the same wall-clock instants).
-    Variant(name="diloco-t10", kind="swarm", label="DiLoCo T=10 s", every_seconds=10.0),
-    Variant(name="diloco-t30", kind="swarm", label="DiLoCo T=30 s (the default)", every_seconds=30.0),
+    Variant(name="diloco-t10", kind="swarm", label="DiLoCo T=10 s (the default)", every_seconds=10.0),
+    Variant(name="diloco-t30", kind="swarm", label="DiLoCo T=30 s", every_seconds=30.0),
 )
 BY_NAME = {v.name: v for v in (*VARIANTS, *SWEEP)}
 

@@ -47,8 +47,13 @@ def test_nan_and_wrong_shape_are_dropped_and_senders_refused(aggregator):
     assert _agree(outcomes)
     assert min(o.round for o in outcomes) >= 6  # the swarm kept training
     assert max(o.val_loss for o in outcomes) < 0.5  # and learned (the start is ~17; the floor is 0.25)
-    # The NaN sender takes part in every round, so every honest peer bans it after ban_after strikes.
-    assert all(nan_peer.peer_id in o.banned for o in outcomes)
+    # Every honest peer met the NaN sender in round 1 (everyone is in the DHT before it) and refused
+    # its contribution. Repeat offences get it banned: at least one honest peer reaches ban_after
+    # strikes. Not necessarily all: a peer that misses a round on a loaded machine counts fewer
+    # strikes, and once a group's leader has banned the sender it is never grouped with the others
+    # again, so their remaining strikes never come (which is the point of the ban).
+    assert all(o.strikes.get(nan_peer.peer_id, 0) >= 1 for o in outcomes)
+    assert any(nan_peer.peer_id in o.banned for o in outcomes)
     # The size liar is excluded from its first round, falls behind and re-syncs; it is refused each time.
     assert all(o.strikes.get(shape_peer.peer_id, 0) >= 1 for o in outcomes)
 

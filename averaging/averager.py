@@ -5,11 +5,12 @@ with whoever is at the same round, and says honestly whether it worked.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 from collections import Counter
-from typing import Callable
+from typing import Awaitable, Callable
 
 import torch
 
@@ -19,7 +20,7 @@ from .errors import MatchmakingError
 from .faults import Tamper
 from .hierarchy import hierarchical_allreduce
 from .config import AveragerConfig, MatchmakingConfig  # noqa: F401  (re-exported)
-from .matchmaking import Group, Matchmaker
+from .matchmaking import Group, Matchmaker, resolve_size
 from .relay import client_round, collect_clients, publish_to_clients
 from .robust import AggregatorConfig  # noqa: F401  (re-exported)
 
@@ -45,7 +46,18 @@ class Averager:
     def average(
         self, round_: int, fingerprint: str, delta: torch.Tensor, weight: float, expected_size: Callable[[], int]
     ) -> RoundResult:
+        """`average_async`, blocking the calling thread (which must not run an event loop)."""
+        return asyncio.run(self.average_async(round_, fingerprint, delta, weight, expected_size))
+
+    async def average_async(
+        self, round_: int, fingerprint: str, delta: torch.Tensor, weight: float,
+        expected_size: Callable[[], int | Awaitable[int]],
+    ) -> RoundResult:
         """Meet the peers at `round_` and average `delta` with them.
+
+        Matchmaking awaits on the caller's loop; the all-reduce (gloo collectives, which block)
+        runs in its executor. Cancelling the call during matchmaking leaves the round at once;
+        an all-reduce already running ends within `allreduce_timeout` on its own.
 
         A member that dies or is cut off in the middle of the round does not cost the others
         the round (PCCL's rule): when the all-reduce of a group of 3 or more fails, the
@@ -59,31 +71,42 @@ class Averager:
         never modified.
         """
         t0 = time.monotonic()
-        result, group = self._attempt(round_, fingerprint, delta, weight, expected_size)
+        result, group = await self._attempt(round_, fingerprint, delta, weight, expected_size)
         if not result.ok and group is not None and group.size >= 3 and not group.is_client:
             survivors = group.size - 1
             log.info("round %d: a member failed mid-round (%s); retrying at once with the others", round_, result.error)
             # The retry meets under the failed group's nonce (in its prefix "round/nonce/"): only
             # its members know it, and no stale declaration of the first attempt is in the way.
-            retry, _ = self._attempt(round_, f"{fingerprint}.retry-{group.prefix.split('/')[1]}", delta, weight,
-                                     lambda: min(expected_size(), survivors))
+
+            async def fewer() -> int:
+                return min(await resolve_size(expected_size), survivors)
+
+            retry, _ = await self._attempt(round_, f"{fingerprint}.retry-{group.prefix.split('/')[1]}", delta, weight,
+                                           fewer)
             result = dataclasses.replace(retry, bytes_sent=retry.bytes_sent + result.bytes_sent)
         # Report the whole round's duration, matchmaking (and a retry) included.
         return dataclasses.replace(result, duration_s=time.monotonic() - t0)
 
-    def _attempt(
-        self, round_: int, topic: str, delta: torch.Tensor, weight: float, expected_size: Callable[[], int]
+    async def _attempt(
+        self, round_: int, topic: str, delta: torch.Tensor, weight: float,
+        expected_size: Callable[[], int | Awaitable[int]],
     ) -> tuple[RoundResult, Group | None]:
         """One matchmaking (among the peers declaring `topic`) + all-reduce; the group, if one formed."""
         t0 = time.monotonic()
         try:
-            group = self.matchmaker.form_group(round_, topic, expected_size)
+            group = await self.matchmaker.form_group_async(round_, topic, expected_size)
         except MatchmakingError as e:
             return RoundResult(round_, "failed", (self.dht.peer_id,), (), time.monotonic() - t0, 0, str(e)), None
+        result = await asyncio.to_thread(self._reduce, group, delta, weight)
+        self._strike(result)
+        return result, group
+
+    def _reduce(self, group: Group, delta: torch.Tensor, weight: float) -> RoundResult:
+        """The all-reduce of a formed group (blocking: gloo collectives and store waits)."""
         timeout = self.cfg.allreduce_timeout
         if group.is_client:
-            result = client_round(group, self.dht.peer_id, delta, weight, timeout_s=2 * timeout + self.cfg.matchmaking.join_timeout)
-        elif group.clients:  # we lead and relay for peers behind NAT
+            return client_round(group, self.dht.peer_id, delta, weight, timeout_s=2 * timeout + self.cfg.matchmaking.join_timeout)
+        if group.clients:  # we lead and relay for peers behind NAT
             uploads = collect_clients(group, delta.numel(), timeout_s=self.cfg.matchmaking.join_timeout)
             total = weight + sum(w for _, w, _ in uploads)
             combined = (delta.detach().reshape(-1).cpu().float() * weight + sum(x for _, _, x in uploads)) / total
@@ -93,10 +116,8 @@ class Averager:
             result = dataclasses.replace(result, members=result.members + tuple(included),
                                          mean_delta=None if result.mean_delta is None else result.mean_delta.to(delta.device))
             publish_to_clients(group, result, included)
-        else:
-            result = self._allreduce(group, delta, weight)
-        self._strike(result)
-        return result, group
+            return result
+        return self._allreduce(group, delta, weight)
 
     def _allreduce(self, group: Group, delta: torch.Tensor, weight: float) -> RoundResult:
         cap = max(2, self.cfg.matchmaking.max_group_size)  # a "subgroup" of 1 would average nothing

@@ -2,7 +2,7 @@
 
 hivemind.DHT runs in its own process and is driven over a pipe. Its methods are not
 documented as thread-safe, and swarmtrain calls it from the training thread and from the
-announcer thread, so every call goes through one lock.
+peer's event loop, so every request is sent under one lock (answers are awaited outside it).
 
 Keys are namespaced by run id: two runs on the same DHT never see each other's records.
 Values read from the DHT come from other peers and are untrusted: callers validate them.
@@ -152,6 +152,16 @@ class SwarmDHT:
             except ValueError:  # hivemind: "No multiaddrs found" for a client that does not listen
                 return []
 
+    # Every call sends one request down hivemind's pipe to the DHT process and gets an MPFuture
+    # back. Only the send is serialized (a pipe written from two threads at once interleaves);
+    # the answer is awaited outside the lock, so a slow lookup never holds up another caller.
+    # The `a`-prefixed forms are the same calls for coroutines on an event loop (an MPFuture
+    # created on a running loop is awaitable); the plain forms block the calling thread.
+
+    def _redial_future(self, maddrs: Sequence[str], timeout: float) -> Any:
+        with self._lock:
+            return self._dht.run_coroutine(functools.partial(_redial, list(maddrs), timeout), return_future=True)
+
     def redial(self, maddrs: Sequence[str], timeout: float = 5.0) -> int:
         """Connect to each full multiaddr (…/p2p/<id>) and ping its DHT node, which puts the two
         nodes back in each other's routing tables. Returns how many answered.
@@ -162,20 +172,31 @@ class SwarmDHT:
         the peer is, which its own routing cannot find for 198.18.0.0/15 (treated as
         unroutable). Failure: unreachable addresses just do not count; bounded by `timeout`.
         """
-        if not maddrs:
-            return 0
+        return int(self._redial_future(maddrs, timeout).result()) if maddrs else 0
+
+    async def aredial(self, maddrs: Sequence[str], timeout: float = 5.0) -> int:
+        """`redial` for a coroutine."""
+        return int(await self._redial_future(maddrs, timeout)) if maddrs else 0
+
+    def _store_future(self, name: str, subkey: str | bytes, value: Any, ttl: float) -> Any:
         with self._lock:
-            return int(self._dht.run_coroutine(functools.partial(_redial, list(maddrs), timeout)))
+            return self._dht.store(self.key(name), value, expiration_time=dht_time() + ttl, subkey=subkey,
+                                   return_future=True)
 
     def put(self, name: str, subkey: str | bytes, value: Any, ttl: float) -> bool:
         """Store `value` under (run.name, subkey) for `ttl` seconds. Returns False if no node accepted it."""
-        with self._lock:
-            return bool(self._dht.store(self.key(name), value, expiration_time=dht_time() + ttl, subkey=subkey))
+        return bool(self._store_future(name, subkey, value, ttl).result())
 
-    def get_all(self, name: str) -> dict[Any, Any]:
-        """All unexpired subkey → value pairs under run.name ({} if none). Values are untrusted."""
+    async def aput(self, name: str, subkey: str | bytes, value: Any, ttl: float) -> bool:
+        """`put` for a coroutine."""
+        return bool(await self._store_future(name, subkey, value, ttl))
+
+    def _get_future(self, name: str) -> Any:
         with self._lock:
-            found = self._dht.get(self.key(name), latest=True)
+            return self._dht.get(self.key(name), latest=True, return_future=True)
+
+    @staticmethod
+    def _unexpired(found: Any) -> dict[Any, Any]:
         if found is None or not isinstance(found.value, dict):
             return {}
         now = dht_time()
@@ -185,21 +206,44 @@ class SwarmDHT:
             if getattr(item, "expiration_time", 0) > now
         }
 
-    def put_signed(self, name: str, value: Any, ttl: float) -> bool:
-        """Store `value` under this node's owner subkey: signed, and writable by nobody else."""
+    def get_all(self, name: str) -> dict[Any, Any]:
+        """All unexpired subkey → value pairs under run.name ({} if none). Values are untrusted."""
+        return self._unexpired(self._get_future(name).result())
+
+    async def aget_all(self, name: str) -> dict[Any, Any]:
+        """`get_all` for a coroutine."""
+        return self._unexpired(await self._get_future(name))
+
+    def _owner_subkey(self) -> bytes:
         if self.identity is None:
             raise RuntimeError("this DHT has no identity to sign with (use SwarmDHT.start)")
-        return self.put(name, self.identity.owner_subkey, value, ttl)  # type: ignore[arg-type]
+        return self.identity.owner_subkey
 
-    def get_signed(self, name: str) -> dict[str, Any]:
-        """peer id → value for every record under an owner subkey. The DHT nodes already checked
-        the signatures; values are still untrusted input (only their author is certain)."""
+    def put_signed(self, name: str, value: Any, ttl: float) -> bool:
+        """Store `value` under this node's owner subkey: signed, and writable by nobody else."""
+        return self.put(name, self._owner_subkey(), value, ttl)
+
+    async def aput_signed(self, name: str, value: Any, ttl: float) -> bool:
+        """`put_signed` for a coroutine."""
+        return await self.aput(name, self._owner_subkey(), value, ttl)
+
+    @staticmethod
+    def _by_owner(values: dict[Any, Any]) -> dict[str, Any]:
         out = {}
-        for subkey, value in self.get_all(name).items():
+        for subkey, value in values.items():
             pid = peer_id_of(subkey) if isinstance(subkey, bytes) else None
             if pid is not None:
                 out[pid] = value
         return out
+
+    async def aget_signed(self, name: str) -> dict[str, Any]:
+        """`get_signed` for a coroutine."""
+        return self._by_owner(await self.aget_all(name))
+
+    def get_signed(self, name: str) -> dict[str, Any]:
+        """peer id → value for every record under an owner subkey. The DHT nodes already checked
+        the signatures; values are still untrusted input (only their author is certain)."""
+        return self._by_owner(self.get_all(name))
 
     @property
     def hivemind_dht(self) -> hivemind.DHT:

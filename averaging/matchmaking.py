@@ -24,6 +24,8 @@ the caller keeps training and retries later.
 """
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import math
@@ -31,7 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from torch.distributed import Store, TCPStore
 
@@ -142,14 +144,20 @@ class Matchmaker:
         self._server = None  # type: ignore[assignment]  # the C++ server stops when released
 
     # ---------------------------------------------------------------- public
-    def form_group(self, round_: int, fingerprint: str, expected_size: Callable[[], int]) -> Group:
+    def form_group(self, round_: int, fingerprint: str, expected_size: Callable[[], int | Awaitable[int]]) -> Group:
+        """`form_group_async`, blocking the calling thread (which must not run an event loop)."""
+        return asyncio.run(self.form_group_async(round_, fingerprint, expected_size))
+
+    async def form_group_async(self, round_: int, fingerprint: str, expected_size: Callable[[], int | Awaitable[int]]) -> Group:
         """Meet the other peers at `round_` and return the agreed group.
 
         `expected_size()` returns how many live peers are expected at this round (self
-        included); the leader stops waiting once that many have joined.
+        included); the leader stops waiting once that many have joined. Every wait is an
+        await on the caller's loop; blocking store calls to another peer run in its executor.
 
         Failure: raises MatchmakingError within `window + join_timeout` seconds if no group
-        of at least `min_group_size` peers forms.
+        of at least `min_group_size` peers forms. Cancellable at any wait (a follower's
+        slot is then left empty, which its leader skips after `join_timeout`).
         """
         key = f"mm.{fingerprint}.{round_}"
         me = Candidate(dht_time(), self.dht.peer_id, self.announce_host, self.port, uuid.uuid4().hex[:16])
@@ -157,12 +165,12 @@ class Matchmaker:
         if not self.client_mode:  # clients are never elected, so they do not declare
             # Signed under our owner subkey: a candidate's peer id is proven by its key, so nobody can
             # declare (or be elected) under another peer's id.
-            self.dht.put_signed(key, me.to_record(), ttl=self.cfg.window + 2 * self.cfg.join_timeout)
+            await self.dht.aput_signed(key, me.to_record(), ttl=self.cfg.window + 2 * self.cfg.join_timeout)
         excluded: set[str] = set()
         hint: Candidate | None = None  # a redirect target we may not see in the DHT yet
         last_error = "no other peer arrived"
         while time.monotonic() < deadline:
-            cands = {c.peer_id: c for c in self._candidates(key)}
+            cands = {c.peer_id: c for c in await self._candidates(key)}
             if not self.client_mode:
                 cands[me.peer_id] = me
             if hint is not None:
@@ -170,13 +178,13 @@ class Matchmaker:
             live = [c for pid, c in cands.items()
                     if pid == me.peer_id or (pid not in excluded and pid not in self.banned)]
             if not live:  # a client waits for a peer that can lead
-                time.sleep(_RESCAN_S)
+                await asyncio.sleep(_RESCAN_S)
                 continue
             leader = min(live)
             try:
                 if leader.peer_id == me.peer_id:
-                    return self._lead(round_, key, me, expected_size, deadline, excluded)
-                return self._follow(round_, leader, me, deadline)
+                    return await self._lead(round_, key, me, expected_size, deadline, excluded)
+                return await self._follow(round_, leader, me, deadline)
             except _Redirect as r:
                 hint = r.target
                 last_error = f"redirected to {r.target.peer_id[-8:]}"
@@ -186,21 +194,21 @@ class Matchmaker:
         raise MatchmakingError(f"no group formed for round {round_} within {self.cfg.window:.0f}s ({last_error})")
 
     # ---------------------------------------------------------------- roles
-    def _candidates(self, key: str) -> list[Candidate]:
+    async def _candidates(self, key: str) -> list[Candidate]:
         out = []
-        for pid, rec in self.dht.get_signed(key).items():
+        for pid, rec in (await self.dht.aget_signed(key)).items():
             c = Candidate.from_record(pid, rec)
             if c is not None:
                 out.append(c)
         return out
 
-    def _lead(
-        self, round_: int, key: str, me: Candidate, expected_size: Callable[[], int], deadline: float, excluded: set[str]
+    async def _lead(
+        self, round_: int, key: str, me: Candidate, expected_size: Callable[[], int | Awaitable[int]], deadline: float, excluded: set[str]
     ) -> Group:
         """Wait for joins, then publish the member list (or a redirect to an earlier leader)."""
         store = self._server
         prefix = f"{round_}/{me.nonce}/"
-        expected = max(1, expected_size())
+        expected = max(1, await resolve_size(expected_size))
         next_scan = time.monotonic() + _RESCAN_S
         while True:
             joined = store.add(prefix + "n", 0)
@@ -210,22 +218,22 @@ class Matchmaker:
             if joined + 1 >= target and joined + 1 >= self.cfg.min_group_size:
                 # Re-read once before closing: a peer that has just caught up with this state (or
                 # is downloading it) may have appeared since the last scan; then keep waiting for it.
-                expected = max(1, expected_size())
+                expected = max(1, await resolve_size(expected_size))
                 if joined + 1 >= min(expected, MAX_MEMBERS):
                     break
             if time.monotonic() >= deadline:
                 break
             if time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + _RESCAN_S
-                expected = max(1, expected_size())
-                earlier = [c for c in self._candidates(key) if c < me and c.peer_id not in excluded
+                expected = max(1, await resolve_size(expected_size))
+                earlier = [c for c in await self._candidates(key) if c < me and c.peer_id not in excluded
                            and c.peer_id not in self.banned]
                 if earlier:
                     # Two leaders raced; the earlier one wins. Tell our followers where to go.
                     target_c = min(earlier)
                     self._reply(store, prefix, {"redirect": {"peer_id": target_c.peer_id, **target_c.to_record()}})
                     raise _Redirect(target_c)
-            time.sleep(_POLL_S)
+            await asyncio.sleep(_POLL_S)
 
         # Close: later joiners will find themselves missing from the list and retry later.
         n = store.add(prefix + "n", 0)
@@ -233,7 +241,9 @@ class Matchmaker:
         slots_by = time.monotonic() + self.cfg.join_timeout  # one bound for all slots, however many were taken
         for slot in range(1, min(n, MAX_MEMBERS - 1) + 1):
             try:
-                store.wait([f"{prefix}slot/{slot}"], timedelta(seconds=max(0.01, slots_by - time.monotonic())))
+                # Our own store (a local server): check() is quick, and the wait is an await.
+                if not await _until(lambda: store.check([f"{prefix}slot/{slot}"]), slots_by):
+                    raise RuntimeError("the joiner never wrote its slot")
                 rec = json.loads(store.get(f"{prefix}slot/{slot}"))
             except (RuntimeError, ValueError) as e:  # joiner died between add() and set()
                 log.debug("slot %d of round %d unusable: %s", slot, round_, e)
@@ -263,24 +273,32 @@ class Matchmaker:
             reply = {**reply, "auth": self.secret.sign_hex("reply", prefix, json.dumps(reply, sort_keys=True))}
         store.set(prefix + "members", json.dumps(reply))
 
-    def _follow(self, round_: int, leader: Candidate, me: Candidate, deadline: float) -> Group:
-        """Join `leader`'s group; return it, or raise _Redirect / _Unreachable / MatchmakingError."""
+    async def _follow(self, round_: int, leader: Candidate, me: Candidate, deadline: float) -> Group:
+        """Join `leader`'s group; return it, or raise _Redirect / _Unreachable / MatchmakingError.
+        Every call to the leader's store blocks (bounded by `join_timeout`), so each runs in
+        the loop's executor; the wait for the member list is polled from the loop."""
         prefix = f"{round_}/{leader.nonce}/"
         timeout = timedelta(seconds=self.cfg.join_timeout)
-        try:
+        join = {"peer_id": me.peer_id, "client": self.client_mode}
+        if self.secret is not None:
+            join["auth"] = self.secret.sign_hex("join", prefix, me.peer_id)
+
+        def take_slot() -> Store:
             store = TCPStore(leader.host, leader.port, is_master=False, timeout=timeout)
             slot = store.add(prefix + "n", 1)
-            join = {"peer_id": me.peer_id, "client": self.client_mode}
-            if self.secret is not None:
-                join["auth"] = self.secret.sign_hex("join", prefix, me.peer_id)
             store.set(f"{prefix}slot/{slot}", json.dumps(join))
+            return store
+
+        try:
+            store = await asyncio.to_thread(take_slot)
         except RuntimeError as e:  # torch raises DistStoreError / DistNetworkError, both RuntimeErrors
             raise _Unreachable(f"leader {leader.peer_id[-8:]} at {leader.host}:{leader.port} unreachable: {e}") from e
         # The leader closes at the latest at its own arrival + window; allow for clock skew.
         wait_s = max(self.cfg.join_timeout, leader.t + self.cfg.window - dht_time() + self.cfg.join_timeout)
         try:
-            store.wait([prefix + "members"], timedelta(seconds=wait_s))
-            reply = json.loads(store.get(prefix + "members"))
+            if not await _until(lambda: store.check([prefix + "members"]), time.monotonic() + wait_s, blocking=True):
+                raise RuntimeError(f"no member list within {wait_s:.0f}s")
+            reply = json.loads(await asyncio.to_thread(store.get, prefix + "members"))
         except (RuntimeError, ValueError) as e:
             raise _Unreachable(f"leader {leader.peer_id[-8:]} did not close its group: {e}") from e
         if self.secret is not None and not (isinstance(reply, dict) and self.secret.verify_hex(
@@ -305,6 +323,23 @@ class Matchmaker:
             raise MatchmakingError(f"round {round_}: arrived after the group of {leader.peer_id[-8:]} closed")
         return Group(round_, tuple(members), members.index(me.peer_id), prefix, store, leader=leader.peer_id,
                      clients=tuple(clients))
+
+
+async def resolve_size(expected_size: Callable[[], int | Awaitable[int]]) -> int:
+    """`expected_size` may be a plain function or a coroutine function (one that reads the DHT)."""
+    n = expected_size()
+    return await n if inspect.isawaitable(n) else n
+
+
+async def _until(ready: Callable[[], bool], deadline: float, *, blocking: bool = False) -> bool:
+    """Poll `ready()` every _POLL_S until it is true (True) or `deadline` passes (False).
+    `blocking`: `ready` may block (a call to another peer's store), so it runs in the executor."""
+    while True:
+        if await asyncio.to_thread(ready) if blocking else ready():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(_POLL_S)
 
 
 def _is_number(x: Any) -> bool:

@@ -17,6 +17,7 @@ from torch.distributed import TCPStore
 from averaging.dht import SwarmDHT
 from averaging.errors import StateError
 from averaging.flat import tensor_digest
+from peer.loop import PeerLoop
 from peer.membership import Announcer, PeerRecord, better_states, donors_for, live_peers
 from peer.state import CheckpointDir, SwarmState
 from peer.transfer import StateServer, download_state
@@ -27,7 +28,7 @@ log = logging.getLogger("swarmtrain.archivist")
 class Archivist:
     """Lifecycle: construct (loads the newest checkpoint, starts serving it), `poll()` periodically, `close()`."""
 
-    def __init__(self, dht: SwarmDHT, *, ckpt_dir: str, keep_last: int, listen_host: str, announce_host: str,
+    def __init__(self, dht: SwarmDHT, loop: PeerLoop, *, ckpt_dir: str, keep_last: int, listen_host: str, announce_host: str,
                  announce_period: float = 2.0, ttl: float = 10.0, timeout: float = 30.0) -> None:
         self.dht = dht
         self.ckpts = CheckpointDir(ckpt_dir, keep_last)
@@ -43,11 +44,11 @@ class Archivist:
             log.info("archive: loaded round %d from %s", self.state.round, latest)
         self._store = TCPStore(listen_host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout))
         self._server = StateServer(self._store, lambda: self.state)  # type: ignore[arg-type,return-value]
-        self._server.start()
+        self._server.start(loop)
         self._announcer = Announcer(dht, period=announce_period, ttl=ttl)
         if self.state is not None:
             self._announce()
-        self._announcer.start()
+        self._announcer.start(loop)
 
     def _digest(self) -> str:
         """sha256 of the archived θ_sync, computed once per state (a 100M model takes ~1 s)."""

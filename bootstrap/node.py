@@ -15,6 +15,7 @@ from averaging.access import Allowlist, load_credential
 from averaging.dht import SwarmDHT
 from averaging.errors import StateError
 from averaging.identity import ensure_identity
+from peer.loop import PeerLoop
 from peer.membership import Rediscovery, record_validator
 
 from .archive import Archivist
@@ -36,6 +37,7 @@ class BootstrapNode:
         self.monitor: RunMonitor | None = None
         self.dashboard: Dashboard | None = None
         self.rediscovery: Rediscovery | None = None
+        self.loop: PeerLoop | None = None  # rediscovery, the archivist's announcer and state server run on it
 
     def start(self) -> list[str]:
         """Start the DHT node (and dashboard); return its multiaddrs.
@@ -61,15 +63,16 @@ class BootstrapNode:
             identity_path=self.cfg.identity, record_validators=[record_validator(self.cfg.run_id)], secret=credential,
         )
         maddrs = self.dht.visible_maddrs()
+        self.loop = PeerLoop("bootstrap").start()
         self.rediscovery = Rediscovery(self.dht, initial=list(self.cfg.initial_peers), contacts_file=self.cfg.contacts_path)
-        self.rediscovery.start()
+        self.rediscovery.start(self.loop)
         self.monitor = RunMonitor(self.dht, self.cfg.run_id, ledger)
         if self.cfg.dashboard >= 0:
             self.dashboard = Dashboard(self.monitor, self.cfg.dashboard_host or self.cfg.host, self.cfg.dashboard)
             self.dashboard.start()
         if self.cfg.checkpoint_dir:
             host = self.cfg.announce_host or (self.cfg.host if self.cfg.host != "0.0.0.0" else "127.0.0.1")
-            self.archivist = Archivist(self.dht, ckpt_dir=self.cfg.checkpoint_dir, keep_last=self.cfg.keep_last,
+            self.archivist = Archivist(self.dht, self.loop, ckpt_dir=self.cfg.checkpoint_dir, keep_last=self.cfg.keep_last,
                                        listen_host=self.cfg.host, announce_host=host)
         if self.cfg.maddrs_file:
             tmp = f"{self.cfg.maddrs_file}.tmp"
@@ -120,7 +123,7 @@ class BootstrapNode:
             log.warning("could not save the ledger to %s: %s (will retry)", self.cfg.ledger_path, e)
 
     def close(self) -> None:
-        """Stop the dashboard, archivist and DHT; save the ledger. Idempotent."""
+        """Stop the dashboard, archivist, event loop and DHT; save the ledger. Idempotent."""
         if self.dashboard is not None:
             self.dashboard.close()
             self.dashboard = None
@@ -131,6 +134,9 @@ class BootstrapNode:
         if self.rediscovery is not None:
             self.rediscovery.close()
             self.rediscovery = None
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None

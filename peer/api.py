@@ -34,6 +34,7 @@ from averaging.faults import Tamper
 from averaging.flat import describe_schema, parameter_schema, schema_fingerprint
 
 from .config import PeerConfig
+from .loop import PeerLoop
 from .membership import MAX_MADDRS, Announcer, PeerRecord, Rediscovery, record_validator
 from .rounds import HISTORY_ROUNDS, NO_PEER, RoundLoop  # noqa: F401  (re-exported: tests and tools use them)
 from .state import CheckpointDir, SwarmState
@@ -80,6 +81,7 @@ class Peer:
         self._server: StateServer | None = None
         self._announcer: Announcer | None = None
         self._rediscovery: Rediscovery | None = None
+        self._loop: PeerLoop | None = None  # the event loop the background work and the rounds run on
         self._maddrs: tuple[str, ...] = ()
         self.announce_host = ""
         ckpt = CheckpointDir(self.config.checkpoint.dir, self.config.checkpoint.keep_last) if self.config.checkpoint.dir else None
@@ -112,26 +114,28 @@ class Peer:
             startup_timeout=sw.startup_timeout,
         )
         self.peer_id = self._dht.peer_id
+        self._loop = PeerLoop(f"peer-{self.peer_id[-8:]}").start()
         self.announce_host = sw.announce_host or _detect_announce_host(sw.host, self._dht.visible_maddrs())
         self._averager = Averager(self._dht, self.config.sync.averager(
             listen_host=sw.host, announce_host=self.announce_host, client_mode=sw.client_mode, secret=secret),
             tamper=self._tamper)
         if self._averager.matchmaker.store is not None:  # client-mode peers cannot serve state
             self._server = StateServer(self._averager.matchmaker.store, lambda: self._rounds.state)
-        self._rounds.attach(peer_id=self.peer_id, dht=self._dht, averager=self._averager, server=self._server)
+        self._rounds.attach(peer_id=self.peer_id, dht=self._dht, averager=self._averager, server=self._server,
+                            loop=self._loop)
         self._check_compatible()
         if self.config.checkpoint.resume:
             self._rounds.resume_from_checkpoint()
         if self._server is not None:
-            self._server.start()
+            self._server.start(self._loop)
         self._maddrs = () if sw.client_mode else tuple(self._dht.visible_maddrs())[:MAX_MADDRS]
         self._announcer = Announcer(self._dht, period=sw.announce_period, ttl=sw.peer_ttl, metrics=self.metrics)
         self._announcer.update(self._record())
         self._first_announce(secret)
-        self._announcer.start()
+        self._announcer.start(self._loop)
         self._rounds.attach_announcer(self._announcer)
         self._rediscovery = Rediscovery(self._dht, initial=list(sw.initial_peers))
-        self._rediscovery.start()
+        self._rediscovery.start(self._loop)
         self._rounds.reconcile(startup=True)
         log.info("peer %s joined run %r: %s, round %d", self.peer_id[-8:], sw.run_id, describe_schema(self.schema), self.round)
         if not sw.client_mode:
@@ -164,16 +168,20 @@ class Peer:
                           f"another swarmtrain version than this one, {VERSION})")
 
     def close(self, save: bool = True) -> None:
-        """Leave the swarm: stop background threads and the DHT, save a final checkpoint. Idempotent."""
+        """Leave the swarm: cancel the background tasks, stop the event loop and the DHT, save a final checkpoint. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._rounds.close()  # applies a round still in flight (overlap mode)
         if save and self._server is not None and self._dht is not None:
             self._rounds.hand_off()
-        for part in (self._rediscovery, self._announcer, self._server, self._averager):
+        for part in (self._rediscovery, self._announcer, self._server):
             if part is not None:
                 part.close()
+        if self._loop is not None:  # cancels what is left on it and waits for it (bounded)
+            self._loop.close()
+        if self._averager is not None:
+            self._averager.close()
         # Drop the parts: the matchmaker's TCPStore listens until its last reference is gone,
         # and a Peer that lives on (history, summary) must not keep the port open.
         self._announcer = self._server = self._rediscovery = None

@@ -14,6 +14,8 @@ What a peer says about *itself* (samples, loss) is still its own claim: see docs
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
@@ -27,6 +29,8 @@ import pydantic.v1 as pd  # hivemind's SchemaValidator is built on pydantic's v1
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 
 from averaging.dht import SwarmDHT, dht_time
+
+from .loop import PeerLoop, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +178,24 @@ class PeerRecord:
         return cls(peer_id=peer_id, **d)
 
 
-def announced_peers(dht: SwarmDHT) -> dict[str, PeerRecord]:
-    """All unexpired, well-formed, signed peer records of the run, by peer id, those of
-    peers that have left included (their last counters still count in the ledger)."""
+def _parse_records(signed: dict[str, Any]) -> dict[str, PeerRecord]:
     out = {}
-    for pid, rec in dht.get_signed(PEERS_KEY).items():
+    for pid, rec in signed.items():
         parsed = PeerRecord.parse(pid, rec)
         if parsed is not None:
             out[pid] = parsed
     return out
+
+
+def announced_peers(dht: SwarmDHT) -> dict[str, PeerRecord]:
+    """All unexpired, well-formed, signed peer records of the run, by peer id, those of
+    peers that have left included (their last counters still count in the ledger)."""
+    return _parse_records(dht.get_signed(PEERS_KEY))
+
+
+async def aannounced_peers(dht: SwarmDHT) -> dict[str, PeerRecord]:
+    """`announced_peers` for a coroutine."""
+    return _parse_records(await dht.aget_signed(PEERS_KEY))
 
 
 def live_peers(dht: SwarmDHT) -> dict[str, PeerRecord]:
@@ -229,15 +242,15 @@ def donors_for(records: list[PeerRecord], round_: int, digest: str) -> list[Peer
 
 
 class Announcer:
-    """Background thread that keeps this peer's signed record alive in the DHT.
+    """Keeps this peer's signed record alive in the DHT: a task on the peer's event loop.
 
-    Owned by the Peer: `start()` after the first `update()`, `close()` on shutdown.
+    Owned by the Peer: `start(loop)` after the first `update()`, `close()` on shutdown.
     `update()` sets the record's state fields (round, digest, ...) at consistent points of
     the training thread; `metrics()` (if given) is read at each publish for fresh counters.
-    Failure behaviour: a failed DHT store is logged and retried next period; the thread
+    Failure behaviour: a failed DHT store is logged and retried next period; the task
     never dies from it. If it cannot store for `ttl`, others stop seeing this peer.
-    `close()` withdraws the record (role "left"): peers stop waiting for this one at once.
-    A crashed peer cannot do that; its record expires after `ttl`.
+    `close()` cancels the task and withdraws the record (role "left"): peers stop waiting
+    for this one at once. A crashed peer cannot do that; its record expires after `ttl`.
     """
 
     def __init__(self, dht: SwarmDHT, *, period: float, ttl: float,
@@ -248,50 +261,59 @@ class Announcer:
         self._metrics = metrics
         self._record: PeerRecord | None = None
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="swarmtrain-announcer", daemon=True)
+        self._loop: PeerLoop | None = None
+        self._wake: asyncio.Event | None = None  # created on the loop, set from any thread
+        self._task: concurrent.futures.Future | None = None
 
     def update(self, record: PeerRecord, *, now: bool = False) -> None:
         with self._lock:
             self._record = record
-        if now:
-            self._wake.set()
+        if now and self._loop is not None and self._wake is not None:
+            self._loop.loop.call_soon_threadsafe(self._wake.set)
+
+    def _prepared(self, override: dict[str, Any]) -> PeerRecord | None:
+        with self._lock:
+            rec = self._record
+        if rec is None:
+            return None
+        fresh = self._metrics() if self._metrics is not None else {}
+        return replace(rec, **override, **fresh, t=dht_time())
 
     def publish(self, **override: Any) -> bool:
         """Store the current record now, in the caller's thread (`override`: fields to replace).
         Returns whether any DHT node accepted it (a private run's nodes refuse an outsider's)."""
-        with self._lock:
-            rec = self._record
+        rec = self._prepared(override)
         if rec is None:
             return False
-        rec = replace(rec, **override)
-        fresh = self._metrics() if self._metrics is not None else {}
-        rec = replace(rec, **fresh, t=dht_time())
         if not self.dht.put_signed(PEERS_KEY, rec.to_record(), ttl=self.ttl):
             log.debug("no DHT node accepted this peer's record (will retry)")
             return False
         return True
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, loop: PeerLoop) -> None:
+        self._loop = loop
+        self._task = loop.spawn(self.run(), "announcer")
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    async def run(self) -> None:
+        """Publish every `period` seconds, or at once after `update(now=True)`. Runs until cancelled."""
+        self._wake = asyncio.Event()
+        while True:
             try:
-                self.publish()
+                rec = self._prepared({})
+                if rec is not None and not await self.dht.aput_signed(PEERS_KEY, rec.to_record(), ttl=self.ttl):
+                    log.debug("no DHT node accepted this peer's record (will retry)")
             except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; keep announcing
                 log.warning("could not announce this peer in the DHT: %s", e)
-            self._wake.wait(self.period)
+            await wait_event(self._wake, self.period)
             self._wake.clear()
 
     def close(self) -> None:
         """Stop announcing and withdraw the record. Failure: a DHT error while withdrawing is
         logged (the record then expires after `ttl`, as a crashed peer's would)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        # A publish still in flight cannot overwrite this one: the withdrawal is stamped later.
         try:
             self.publish(role="left")
         except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; leaving goes on
@@ -299,7 +321,7 @@ class Announcer:
 
 
 class Rediscovery:
-    """Background thread that keeps this node in the swarm after link cuts and restarts.
+    """Keeps this node in the swarm after link cuts and restarts: a task on the node's event loop.
 
     It remembers every address it learns (the initial peers, and the `maddrs` of every
     record it reads; optionally saved to `contacts_file` so a restarted bootstrap node
@@ -313,8 +335,8 @@ class Rediscovery:
     hivemind's DHT has no such loop: a node that failed to reach another drops it from its
     routing table and never looks for it again. Bound: after a link or a node comes back,
     the next check (every `period` seconds) re-dials it. Failure behaviour: DHT errors are
-    logged at DEBUG and retried at the next check; the thread never dies of them.
-    Owned by a Peer or a BootstrapNode: `start()`, `close()`.
+    logged at DEBUG and retried at the next check; the task never dies of them.
+    Owned by a Peer or a BootstrapNode: `start(loop)`, `close()`.
     """
 
     MAX_CONTACTS = 256
@@ -330,30 +352,45 @@ class Rediscovery:
         self._saved: set[str] = set()
         self._last_initial = 0.0
         self.redials = 0  # addresses dialed so far (for logs and tests)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="swarmtrain-rediscovery", daemon=True)
+        self._task: concurrent.futures.Future | None = None
         for addr in self._load():
             self._initial.append(addr)
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, loop: PeerLoop) -> None:
+        self._task = loop.spawn(self.run(), "rediscovery")
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=15)
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
+    async def run(self) -> None:
+        """A check every `period` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(self.period)
             try:
-                self.check()
+                await self.acheck()
             except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; check again later
                 log.debug("rediscovery check failed: %s", e)
 
     def check(self, now: float | None = None) -> int:
-        """One look at the run's records, and the re-dials it calls for. Returns how many answered."""
+        """One look at the run's records, and the re-dials it calls for (blocking). Returns how many answered."""
+        targets = self._plan(announced_peers(self.dht), now)
+        return self._dialed(targets, self.dht.redial(targets)) if targets else 0
+
+    async def acheck(self, now: float | None = None) -> int:
+        """`check` for a coroutine."""
+        targets = self._plan(await aannounced_peers(self.dht), now)
+        return self._dialed(targets, await self.dht.aredial(targets)) if targets else 0
+
+    def _dialed(self, targets: list[str], answered: int) -> int:
+        self.redials += len(targets)
+        log.debug("re-dialed %d address(es), %d answered", len(targets), answered)
+        return answered
+
+    def _plan(self, records: dict[str, PeerRecord], now: float | None) -> list[str]:
+        """Remember what `records` teach; the addresses to re-dial now (deduplicated, in order)."""
         now = time.monotonic() if now is None else now
-        records = announced_peers(self.dht)
         me = self.dht.peer_id
         live = {pid for pid, r in records.items() if r.role != "left" and pid != me}
         for pid, r in records.items():
@@ -377,12 +414,7 @@ class Rediscovery:
             self._last_initial = now
             targets += self._initial
         self._save()
-        if not targets:
-            return 0
-        answered = self.dht.redial(list(dict.fromkeys(targets)))
-        self.redials += len(targets)
-        log.debug("re-dialed %d address(es), %d answered (%d live peers)", len(targets), answered, len(live))
-        return answered
+        return list(dict.fromkeys(targets))
 
     def _load(self) -> list[str]:
         if self._file is None or not self._file.exists():

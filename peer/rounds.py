@@ -12,16 +12,20 @@ with the majority at its round), it downloads the swarm's state and continues fr
 carrying its own progress on top (the stale-contribution rule, `adopt`).
 
 `RoundLoop` owns the round state (θ_sync, momentum, round, digest, schedule, counters,
-history) and runs in the training thread; `Peer` composes it with the network parts
-(DHT, averager, state server, announcer), which it attaches once they exist.
+history) and is driven from the training thread; each round's network part (waiting for
+joiners, matchmaking, the all-reduce) runs as a task on the peer's event loop (loop.py).
+State downloads (`reconcile`) block the training thread, which has nothing to train on
+until they are done. `Peer` composes it with the network parts (DHT, averager, state
+server, announcer, loop), which it attaches once they exist.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +39,9 @@ from averaging.flat import flatten_params, tensor_digest, write_flat_
 from averaging.outer import OuterOptimizer
 
 from .config import PeerConfig
-from .membership import RECENT_ROUNDS, Announcer, PeerRecord, RoundOutcome, better_states, donors_for, live_peers
+from .loop import PeerLoop
+from .membership import (RECENT_ROUNDS, Announcer, PeerRecord, RoundOutcome, aannounced_peers, announced_peers,
+                         better_states, donors_for)
 from .schedule import ComputeClock, SyncSchedule
 from .state import CheckpointDir, SwarmState
 from .stats import Counters, PeerStats
@@ -97,9 +103,9 @@ class RoundLoop:
         # Weight taken off the pending samples for staleness (the stale-contribution rule, `adopt`):
         # the next round's weight is samples_since_sync − _stale_cut.
         self._stale_cut = 0.0
+        # Overlap mode: the round running on the peer's event loop while training goes on.
         self._in_flight: tuple[Future, torch.Tensor] | None = None
-        # Overlap mode: one worker thread owned by this loop runs rounds in the background.
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="swarmtrain-sync") if config.sync.overlap else None
+        self._loop: PeerLoop | None = None  # the peer's event loop: every round runs on it
         self.ckpt = ckpt
         self._on_state = on_state
         self.peer_id = ""
@@ -109,21 +115,20 @@ class RoundLoop:
         self._announcer: Announcer | None = None
         self.set_state(SwarmState(0, fingerprint, self.outer.theta_sync, None))
 
-    def attach(self, *, peer_id: str, dht: SwarmDHT, averager: Averager, server: StateServer | None) -> None:
-        self.peer_id, self._dht, self._averager, self._server = peer_id, dht, averager, server
+    def attach(self, *, peer_id: str, dht: SwarmDHT, averager: Averager, server: StateServer | None,
+               loop: PeerLoop) -> None:
+        self.peer_id, self._dht, self._averager, self._server, self._loop = peer_id, dht, averager, server, loop
 
     def attach_announcer(self, announcer: Announcer | None) -> None:
         self._announcer = announcer
 
     def close(self) -> None:
-        """Apply the round in flight (overlap mode), so its result is not lost; stop the worker."""
+        """Apply the round in flight (overlap mode), so its result is not lost."""
         if self._in_flight is not None:
             try:
                 self._collect_in_flight()
-            except Exception as e:  # a crashed worker must not prevent a clean shutdown
+            except Exception as e:  # a round that crashed (or was cancelled) must not prevent a clean shutdown
                 log.warning("the round in flight failed while leaving: %s", e)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
         self._server = self._announcer = None
 
     # ------------------------------------------------------------------ counters
@@ -163,26 +168,37 @@ class RoundLoop:
     def sync(self) -> RoundResult | None:
         """Average with the peers at this round now. Never raises for network faults.
 
-        With `sync.overlap`, the all-reduce runs in a background thread while training
-        goes on; its result is applied at the next sync point (one round late). Then the
+        The round (waiting for joiners, matchmaking, the all-reduce) runs on the peer's event
+        loop; this thread waits for it. With `sync.overlap` it does not wait: training goes
+        on, and the result is applied at the next sync point (one round late). Then the
         return value is the previous round's result (None the first time).
         """
-        assert self._averager is not None
+        assert self._loop is not None
         self.clock.begin_wait()
         try:
-            self._wait_for_joiners()
             if self.config.sync.overlap:
                 return self._sync_overlapped()
             snap = flatten_params(self.params).cpu()
             self._weight_in_flight = self.counters.samples_since_sync
-            result = self._run_round(snap, self._weight())
+            result = self._loop.call(self._round(snap, self._weight(), self.round, self.meeting_key()),
+                                     f"round {self.round + 1}")
             self._finish_round(result, snap)
             self.schedule.done(result.ok)
             return result
         finally:
             self.clock.end_wait()
 
-    def _wait_for_joiners(self) -> None:
+    async def _round(self, snap: torch.Tensor, weight: float, round_: int, key: str) -> RoundResult:
+        """One round on the peer's loop: wait for joiners, then matchmaking + all-reduce of
+        Δ = θ_sync − snap. Cancellable at any wait (the round is then simply not taken part in)."""
+        assert self._averager is not None
+        await self._wait_for_joiners(round_)
+        delta = await asyncio.to_thread(self.outer.pseudo_gradient, snap)  # [P] fp32, off the loop
+        if await self.expected_group_size_async() < self.config.sync.min_group_size:
+            return RoundResult(round_, "failed", (self.peer_id,), (), 0.0, 0, NO_PEER)
+        return await self._averager.average_async(round_, key, delta, weight, self.expected_group_size_async)
+
+    async def _wait_for_joiners(self, round_: int) -> None:
         """A peer downloading our state is about to join this state's next round: arrive at that
         round's matchmaking only when its download is done (bounded by 0.8 × the matchmaking
         window, so the others, waiting for us there, are still waiting). Without this, a joiner
@@ -195,7 +211,7 @@ class RoundLoop:
         while time.monotonic() < deadline:
             busy, fetched = self._server.downloads(max_age=self.config.sync.matchmaking_window)
             if fetched:  # done downloading: wait until it announces our state, then it is counted in
-                here = {r.peer_id for r in self.others() if (r.round, r.digest) == (self.round, self.digest)}
+                here = {r.peer_id for r in await self.others_async() if (r.round, r.digest) == (round_, self.digest)}
                 for pid in fetched & here:
                     self._server.forget(pid)
                 fetched -= here
@@ -203,17 +219,9 @@ class RoundLoop:
                 return
             if not said:
                 log.info("a peer is downloading this peer's state to join: waiting up to %.0fs for it before round %d",
-                         deadline - time.monotonic(), self.round + 1)
+                         deadline - time.monotonic(), round_ + 1)
                 said = True
-            time.sleep(0.2)
-
-    def _run_round(self, snap: torch.Tensor, weight: float) -> RoundResult:
-        """Matchmaking + all-reduce of Δ = θ_sync − snap. Safe to run in a worker thread."""
-        assert self._averager is not None
-        delta = self.outer.pseudo_gradient(snap)
-        if self.expected_group_size() < self.config.sync.min_group_size:
-            return RoundResult(self.round, "failed", (self.peer_id,), (), 0.0, 0, NO_PEER)
-        return self._averager.average(self.round, self.meeting_key(), delta, weight, self.expected_group_size)
+            await asyncio.sleep(0.2)
 
     def _finish_round(self, result: RoundResult, snap: torch.Tensor) -> None:
         """Apply a round's result. `snap` is θ_local when the round started: local progress made
@@ -265,10 +273,11 @@ class RoundLoop:
 
     def _sync_overlapped(self) -> RoundResult | None:
         result = self._collect_in_flight()
-        assert self._pool is not None
+        assert self._loop is not None
         snap = flatten_params(self.params).cpu()
         self._weight_in_flight = max(self.counters.samples_since_sync, 1)
-        self._in_flight = (self._pool.submit(self._run_round, snap, self._weight()), snap)
+        self._in_flight = (self._loop.submit(self._round(snap, self._weight(), self.round, self.meeting_key()),
+                                             f"round {self.round + 1}"), snap)
         self.schedule.done(True)  # the next sync point is a full period away
         return result
 
@@ -352,16 +361,33 @@ class RoundLoop:
         return f"{self.fingerprint}.{self.config.sync.compression}.{self.digest[:16]}"
 
     def others(self) -> list[PeerRecord]:
+        """The other live peers' records (a blocking DHT read)."""
         assert self._dht is not None
-        others = [r for pid, r in live_peers(self._dht).items() if pid != self.peer_id]
+        return self._seen(announced_peers(self._dht))
+
+    async def others_async(self) -> list[PeerRecord]:
+        """`others` for a coroutine on the peer's loop."""
+        assert self._dht is not None
+        return self._seen(await aannounced_peers(self._dht))
+
+    def _seen(self, records: dict[str, PeerRecord]) -> list[PeerRecord]:
+        others = [r for pid, r in records.items() if pid != self.peer_id and r.role != "left"]
         self.counters.peers_seen = len(others)
         return others
 
     def expected_group_size(self) -> int:
+        """How many peers (self included) should meet at this round."""
+        return self._expected(self.others())
+
+    async def expected_group_size_async(self) -> int:
+        """`expected_group_size` for a coroutine on the peer's loop."""
+        return self._expected(await self.others_async())
+
+    def _expected(self, others: list[PeerRecord]) -> int:
         banned = self._averager.banned if self._averager is not None else set()
         here = (self.round, self.digest)
         # Peers at this state, and peers downloading it to join this round (they announce it).
-        same = [r for r in self.others() if r.role == "trainer" and r.fingerprint == self.fingerprint
+        same = [r for r in others if r.role == "trainer" and r.fingerprint == self.fingerprint
                 and here in ((r.round, r.digest), (r.catch_up_round, r.catch_up_digest)) and r.peer_id not in banned]
         return 1 + len(same)
 

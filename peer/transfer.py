@@ -2,7 +2,7 @@
 
 Transport: every peer already runs a TCPStore server (for matchmaking), announced in its
 membership record. A requester takes a request number with an atomic counter on the
-donor's store; the donor's server thread serializes its latest snapshot (an immutable
+donor's store; the donor's server task serializes its latest snapshot (an immutable
 reference, so the trainer is never paused for it), writes it in 1 MiB chunks and a
 manifest (round, size, chunk count, sha256). The requester checks the sha256 and that the
 parameters' digest matches what the swarm announced for that round, then deletes the keys.
@@ -13,6 +13,8 @@ bytes that fail a check is skipped, and the next donor is tried. If none works,
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import threading
@@ -25,6 +27,7 @@ from torch.distributed import Store, TCPStore
 from averaging.errors import StateError
 from averaging.flat import tensor_digest
 
+from .loop import PeerLoop
 from .membership import PeerRecord
 from .state import SwarmState, digest
 
@@ -38,15 +41,19 @@ OBSERVER = "observer"
 
 
 class StateServer:
-    """Serves this peer's latest SwarmState on its store. Owned by the Peer; `close()` stops it."""
+    """Serves this peer's latest SwarmState on its store: a task on the peer's event loop.
+
+    Owned by the Peer: `start(loop)`, `close()`. Serializing a state and writing its chunks
+    are blocking calls; they run in the loop's executor, so announcing and matchmaking go on
+    meanwhile. Failure behaviour: a request that fails is logged and skipped; the task goes on.
+    """
 
     def __init__(self, store: Store, snapshot: Callable[[], SwarmState]) -> None:
         self._store = store
         self._snapshot = snapshot
-        self._stop = threading.Event()
+        self._task: concurrent.futures.Future | None = None
         self._cache: tuple[int, bytes] | None = None
         self._served: list[tuple[float, int, int]] = []  # (time, request, chunks) for cleanup
-        self._thread = threading.Thread(target=self._run, name="swarmtrain-state-server", daemon=True)
         self.requests_served = 0
         self.serve_seconds = 0.0
         # Responses posted but not yet taken: the requester deletes a response's keys once it
@@ -54,27 +61,28 @@ class StateServer:
         self._fetching: dict[int, tuple[float, str]] = {}  # request -> (when posted, requester's peer id)
         self._fetch_lock = threading.Lock()
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, loop: PeerLoop) -> None:
+        self._task = loop.spawn(self.run(), "state server")
 
     def close(self) -> None:
-        """Stop serving. The store is released once the thread has stopped: torch's TCPStore has
-        no close(), and its listening socket goes only with the last reference to it."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._store = None  # type: ignore[assignment]
+        """Stop serving. The store is released by the owner once its loop has stopped: torch's
+        TCPStore has no close(), and its listening socket goes only with the last reference to it."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
-    def _run(self) -> None:
+    async def run(self) -> None:
+        """Answer request 1, 2, ... in order, until cancelled."""
         k = 1
-        while not self._stop.wait(0.2):
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.2)
             # check() is non-blocking; a blocking wait() with a timeout logs a c10d warning each time.
             if not self._store.check([f"state/req/{k}"]):
                 self._cleanup()
                 continue
             try:
-                self._serve(k)
+                await loop.run_in_executor(None, self._serve, k)
             except RuntimeError as e:
                 log.warning("state request %d failed: %s", k, e)
             k += 1
@@ -108,7 +116,7 @@ class StateServer:
         busy, done = 0, set()
         with self._fetch_lock:
             for k, (t, who) in list(self._fetching.items()):
-                if now - t > max_age or self._store is None:
+                if now - t > max_age or self._task is None:
                     del self._fetching[k]
                 elif self._store.check([f"state/resp/{k}/meta"]):
                     busy += 1

@@ -10,9 +10,18 @@ from torch.distributed import TCPStore
 
 from averaging.errors import StateError
 from averaging.flat import tensor_digest
+from peer.loop import PeerLoop
 from peer.membership import PeerRecord
 from peer.state import SwarmState
 from peer.transfer import StateServer, download_state
+
+
+@pytest.fixture
+def loop():
+    """The event loop a state server runs on (a peer's own, in a real peer)."""
+    lp = PeerLoop("test").start()
+    yield lp
+    lp.close()
 
 
 def record(peer_id: str, store: TCPStore, state: SwarmState) -> PeerRecord:
@@ -29,7 +38,7 @@ def dying_donor(store: TCPStore, stop: threading.Event) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_donor_dying_mid_download_falls_back_to_next_donor():
+def test_donor_dying_mid_download_falls_back_to_next_donor(loop):
     state = SwarmState(5, "fp", torch.randn(1_000_000), torch.randn(1_000_000))
     a = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     b = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -37,7 +46,7 @@ def test_donor_dying_mid_download_falls_back_to_next_donor():
     t = threading.Thread(target=dying_donor, args=(a, stop))
     t.start()
     good = StateServer(b, lambda: state)
-    good.start()
+    good.start(loop)
     try:
         # The dying donor is newest-first in the list (same round; listed first).
         got = download_state([record("dying", a, state), record("good", b, state)], fingerprint="fp",
@@ -52,12 +61,12 @@ def test_donor_dying_mid_download_falls_back_to_next_donor():
 
 
 @pytest.mark.timeout(60)
-def test_state_not_matching_announced_digest_is_refused():
+def test_state_not_matching_announced_digest_is_refused(loop):
     real = SwarmState(2, "fp", torch.zeros(1000), None)
     forged = SwarmState(2, "fp", torch.ones(1000), None)  # what the donor actually serves
     s = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     server = StateServer(s, lambda: forged)
-    server.start()
+    server.start(loop)
     try:
         with pytest.raises(StateError, match="does not match any announced digest"):
             download_state([record("liar", s, real)], fingerprint="fp", numel=1000, timeout=3)
@@ -66,14 +75,14 @@ def test_state_not_matching_announced_digest_is_refused():
 
 
 @pytest.mark.timeout(60)
-def test_donor_waits_for_a_joiner_but_not_for_an_archivist():
+def test_donor_waits_for_a_joiner_but_not_for_an_archivist(loop):
     """A joiner's finished download is reported until it joins (the donor holds its next round
     for it); an observer's (the archivist's copy, every round) is never reported. Before, the
     archivist's copy held every donor 0.8 × the matchmaking window, every round."""
     state = SwarmState(3, "fp", torch.randn(1000), None)
     s = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     server = StateServer(s, lambda: state)
-    server.start()
+    server.start(loop)
     try:
         donor = [record("donor", s, state)]
         download_state(donor, fingerprint="fp", numel=1000, timeout=5)  # an archivist: no requester

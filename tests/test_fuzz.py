@@ -23,6 +23,7 @@ written to the repo). ``SWARMTRAIN_FUZZ_SCALE=10`` multiplies every example budg
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import io
@@ -974,7 +975,7 @@ def test_follow_leader_reply(reply):
     store = FakeStore({} if reply is None else {f"3/{LEADER.nonce}/members": reply})
     with connects_to(matchmaking, store):
         try:
-            g = _matchmaker()._follow(3, LEADER, ME, time.monotonic() + 1)
+            g = asyncio.run(_matchmaker()._follow(3, LEADER, ME, time.monotonic() + 1))
         except matchmaking._Redirect as r:
             assert isinstance(r.target, Candidate) and r.target < LEADER
             event("_Redirect")
@@ -1009,7 +1010,7 @@ def test_lead_slot_records(data, slots, min_size):
     mm = _matchmaker(cfg)
     mm._server = store  # type: ignore[assignment]
     try:
-        g = mm._lead(3, "k", me, lambda: 1, time.monotonic() - 1, set())
+        g = asyncio.run(mm._lead(3, "k", me, lambda: 1, time.monotonic() - 1, set()))
     except MatchmakingError as e:
         _one_line(e)
         event("MatchmakingError")
@@ -1125,7 +1126,7 @@ def test_regression_huge_int_follow_redirect():
     reply = json.dumps({"redirect": {"peer_id": "QmX", "t": 10**400, "host": "h", "port": 1, "nonce": "n"}}).encode()
     with connects_to(matchmaking, FakeStore({f"3/{LEADER.nonce}/members": reply})):
         with pytest.raises((matchmaking._Unreachable, MatchmakingError)):
-            _matchmaker()._follow(3, LEADER, ME, time.monotonic() + 1)
+            asyncio.run(_matchmaker()._follow(3, LEADER, ME, time.monotonic() + 1))
 
 
 @pytest.mark.parametrize("text", [
@@ -1207,10 +1208,10 @@ def test_deep_json_from_peer(where):
     elif where == "follow":
         with connects_to(matchmaking, FakeStore({f"3/{LEADER.nonce}/members": _DEEP})):
             with pytest.raises((matchmaking._Unreachable, MatchmakingError)):
-                _matchmaker()._follow(3, LEADER, ME, time.monotonic() + 1)
+                asyncio.run(_matchmaker()._follow(3, LEADER, ME, time.monotonic() + 1))
     else:
         me = Candidate(1000.0, "QmMe", "127.0.0.1", 29500, "lnonce")
         mm = _matchmaker(MatchmakingConfig(min_group_size=2, max_group_size=4, window=0.5, join_timeout=0.05))
         mm._server = FakeStore({f"3/{me.nonce}/slot/1": _DEEP}, {f"3/{me.nonce}/n": 1})  # type: ignore[assignment]
         with pytest.raises(MatchmakingError):
-            mm._lead(3, "k", me, lambda: 1, time.monotonic() - 1, set())
+            asyncio.run(mm._lead(3, "k", me, lambda: 1, time.monotonic() - 1, set()))

@@ -6,10 +6,13 @@
             await peer.step(loss, samples=len(x))   # backward, inner step, and a sync when due
 
 The inner step (backward, optimizer step) runs in the calling task, as in a blocking loop:
-it is the application's own compute. Everything that waits on the network (joining, a sync
-round, leaving) runs on the peer's one worker thread and is awaited, so the event loop stays
-free while this peer is in matchmaking or an all-reduce: other tasks, other AsyncPeers, a
-web server, all keep running. The application needs no thread of its own.
+it is the application's own compute. The peer's network work runs as tasks on the event
+loop the peer owns (peer/loop.py: announcing, rediscovery, serving state, each round's
+matchmaking waits and all-reduce). What would block the caller's loop (joining, applying a
+round's result, downloading a state, leaving) runs on this AsyncPeer's one worker thread
+and is awaited. So the application's event loop stays free while this peer is in
+matchmaking or an all-reduce: other tasks, other AsyncPeers, a web server, all keep
+running. The application needs no thread of its own.
 
 Ownership and cancellation. The AsyncPeer owns its worker thread and the Peer it wraps
 (whose parts own theirs: docs/python-api.md). Cancelling a task that awaits `step()` stops

@@ -38,6 +38,8 @@ class PeerLoop:
     def __init__(self, name: str = "peer") -> None:
         self.name = name
         self._loop = asyncio.new_event_loop()
+        # Where blocking calls go (gloo, TCPStore connects, serializing a state), named for ps/py-spy.
+        self._loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(thread_name_prefix=f"swarmtrain-{name}-io"))
         self._thread = threading.Thread(target=self._run, name=f"swarmtrain-{name}-loop", daemon=True)
         # Running work -> (its name for logs, whether it is a background task nobody waits on).
         self._tasks: dict[concurrent.futures.Future, tuple[str, bool]] = {}

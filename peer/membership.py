@@ -268,8 +268,11 @@ class Announcer:
     def update(self, record: PeerRecord, *, now: bool = False) -> None:
         with self._lock:
             self._record = record
-        if now and self._loop is not None and self._wake is not None:
-            self._loop.loop.call_soon_threadsafe(self._wake.set)
+        if now and self._task is not None and self._loop is not None and self._wake is not None:
+            try:
+                self._loop.loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # the loop has just closed (the owner is leaving): nothing to wake
+                pass
 
     def _prepared(self, override: dict[str, Any]) -> PeerRecord | None:
         with self._lock:

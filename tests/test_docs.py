@@ -696,8 +696,11 @@ def test_console_transcripts(block, tmp_path):
 
 # ---------------------------------------------------------------- ./run demo, ./run test
 def test_run_test():
-    """`./run test [args]` is `pytest -q [args]` after setup; run the documented example."""
-    assert re.search(r'test\) setup; shift; exec "\$VENV/bin/python" -m pytest -q "\$@"', (REPO / "run").read_text())
+    """`./run test [args]` is `pytest -q [args]` after setup (the whole suite, without
+    arguments, on 2 pytest-xdist workers); run the documented example."""
+    script = (REPO / "run").read_text()
+    assert re.search(r'test\) setup; shift\n\s+if \[ \$# -eq 0 \]; then set -- -n "\$\{SWARMTRAIN_TEST_WORKERS:-2\}" '
+                     r'--dist loadfile; fi\n\s+exec "\$VENV/bin/python" -m pytest -q "\$@"', script), script
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_outer.py", "-v"],
                        cwd=REPO, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0 and " passed" in p.stdout, p.stdout[-3000:]
@@ -728,7 +731,11 @@ def test_quickstart_swarm_by_hand(tmp_path):
     try:
         node = sc.start_bootstrap(sc.rewrite(boot_cmd))
         assert node.url and urllib.request.urlopen(node.url + "api/status", timeout=10).status == 200
-        fast = " --sync.every-steps 10 --train.threads 1 --data.max-bytes 2000000 --train.eval-batches 2 --log-format text"
+        # 40 steps per round: the 4 rounds left after round 1 take ~30 s on an idle machine, and
+        # longer on a loaded one (the steps slow down with it), so "terminal 4" (a fresh DHT
+        # client: several seconds to start) still finds them training. With 10 steps the peers
+        # could finish before it looked.
+        fast = " --sync.every-steps 40 --train.threads 1 --data.max-bytes 2000000 --train.eval-batches 2 --log-format text"
         for i in range(2):  # "terminals 2 and 3: the same command twice"
             log = open(tmp_path / f"peer{i}.log", "wb")
             peers.append(subprocess.Popen(["bash", "-c", "exec " + sc.rewrite(peer_cmd) + fast +

@@ -107,13 +107,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None, help="scenario names (substrings) to run")
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--keep", type=Path, default=None, help="keep each scenario's peer logs and summaries under this folder")
     a = ap.parse_args()
     chosen = [s for s in SCENARIOS if not a.only or any(o in s.name for o in a.only)]
     print("| scenario | samples in an average | fast peers blocked | last round, failed attempts | agree | val loss |")
     print("|---|---|---|---|---|---|")
     for sc in chosen:
-        with tempfile.TemporaryDirectory(prefix="swarm-bench-") as d:
-            r = run(sc, a.rounds, Path(d))
+        if a.keep is not None:
+            work = a.keep / f"{SCENARIOS.index(sc):02d}"
+            work.mkdir(parents=True, exist_ok=True)
+            r = run(sc, a.rounds, work)
+        else:
+            with tempfile.TemporaryDirectory(prefix="swarm-bench-") as d:
+                r = run(sc, a.rounds, Path(d))
         r.update(machine=f"{platform.node()} {platform.processor() or platform.machine()}", date=time.strftime("%Y-%m-%d"),
                  rounds=a.rounds)
         with open(REPO / "benchmarks" / "swarm" / "results.jsonl", "a") as f:

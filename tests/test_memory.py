@@ -81,3 +81,23 @@ def test_retained_memory_does_not_grow_with_rounds():
     (n_first, b_first), (n_last, b_last) = sizes[FIRST], sizes[LAST]
     assert b_first >= 4 * params  # the walk does find the model (sanity of the measure itself)
     assert n_last == n_first and b_last == b_first, (sizes, f"{(b_last - b_first) / (LAST - FIRST):.0f} bytes per round")
+
+
+def test_the_state_digest_hashes_in_place():
+    """Every round hashes θ_sync (its digest is announced and checked by everyone). That must
+    not copy the vector: `.tobytes()` did, 4 B/param, 400 MB at 100M parameters. The digest
+    is unchanged: the sha256 of the same bytes."""
+    import hashlib
+    import tracemalloc
+
+    from averaging.flat import tensor_digest
+
+    theta = torch.randn(1_000_000)  # 4 MB
+    tracemalloc.start()
+    try:
+        got = tensor_digest(theta)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == hashlib.sha256(theta.numpy().tobytes()).hexdigest()
+    assert peak < 1_000_000, f"hashing a 4 MB vector allocated {peak / 1e6:.1f} MB"

@@ -58,7 +58,8 @@ class StateServer:
         self.serve_seconds = 0.0
         # Responses posted but not yet taken: the requester deletes a response's keys once it
         # has fetched them all, so a manifest still in the store is a download in progress.
-        self._fetching: dict[int, tuple[float, str]] = {}  # request -> (when posted, requester's peer id)
+        # request -> (when asked, requester's peer id, whether its manifest is posted yet)
+        self._fetching: dict[int, tuple[float, str, bool]] = {}
         self._fetch_lock = threading.Lock()
 
     def start(self, loop: PeerLoop) -> None:
@@ -91,19 +92,29 @@ class StateServer:
         t0 = time.monotonic()
         requester = self._store.get(f"state/req/{k}").decode(errors="replace")[:64]
         joiner = requester not in ("", OBSERVER, "1")  # "1": what requesters before 2026-12 wrote
-        state = self._snapshot()
-        if self._cache is None or self._cache[0] != state.round:
-            self._cache = (state.round, state.to_bytes())
-        data = self._cache[1]
-        chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
-        for i, c in enumerate(chunks):
-            self._store.set(f"state/resp/{k}/{i}", c)
-        manifest = {"round": state.round, "size": len(data), "chunks": len(chunks), "sha256": digest(data)}
-        self._store.set(f"state/resp/{k}/meta", json.dumps(manifest))
-        self._served.append((time.monotonic(), k, len(chunks)))
         if joiner:  # only a joiner is waited for (an archivist's copy must not slow every round)
+            # Recorded before the manifest is posted: a requester can fetch everything and
+            # delete the keys before this thread runs another line.
             with self._fetch_lock:
-                self._fetching[k] = (time.monotonic(), requester)
+                self._fetching[k] = (time.monotonic(), requester, False)
+        try:
+            state = self._snapshot()
+            if self._cache is None or self._cache[0] != state.round:
+                self._cache = (state.round, state.to_bytes())
+            data = self._cache[1]
+            chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+            for i, c in enumerate(chunks):
+                self._store.set(f"state/resp/{k}/{i}", c)
+            manifest = {"round": state.round, "size": len(data), "chunks": len(chunks), "sha256": digest(data)}
+            with self._fetch_lock:  # posted: from now on, the manifest's presence says "still downloading"
+                if joiner:
+                    self._fetching[k] = (self._fetching[k][0], requester, True)
+                self._store.set(f"state/resp/{k}/meta", json.dumps(manifest))
+        except BaseException:
+            with self._fetch_lock:
+                self._fetching.pop(k, None)
+            raise
+        self._served.append((time.monotonic(), k, len(chunks)))
         self.requests_served += 1
         self.serve_seconds += time.monotonic() - t0
         log.info("served state of round %d (%.1f MB) in %.2fs", state.round, len(data) / 1e6, time.monotonic() - t0)
@@ -115,10 +126,10 @@ class StateServer:
         now = time.monotonic()
         busy, done = 0, set()
         with self._fetch_lock:
-            for k, (t, who) in list(self._fetching.items()):
+            for k, (t, who, posted) in list(self._fetching.items()):
                 if now - t > max_age or self._task is None:
                     del self._fetching[k]
-                elif self._store.check([f"state/resp/{k}/meta"]):
+                elif not posted or self._store.check([f"state/resp/{k}/meta"]):
                     busy += 1
                 elif who:
                     done.add(who)
@@ -127,7 +138,7 @@ class StateServer:
     def forget(self, requester: str) -> None:
         """That requester has joined (or is given up on): stop reporting it."""
         with self._fetch_lock:
-            for k, (_, who) in list(self._fetching.items()):
+            for k, (_, who, _posted) in list(self._fetching.items()):
                 if who == requester:
                     del self._fetching[k]
 

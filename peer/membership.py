@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -269,10 +270,9 @@ class Announcer:
         with self._lock:
             self._record = record
         if now and self._task is not None and self._loop is not None and self._wake is not None:
-            try:
+            # RuntimeError: the loop has just closed (the owner is leaving), so there is nothing to wake.
+            with contextlib.suppress(RuntimeError):
                 self._loop.loop.call_soon_threadsafe(self._wake.set)
-            except RuntimeError:  # the loop has just closed (the owner is leaving): nothing to wake
-                pass
 
     def _prepared(self, override: dict[str, Any]) -> PeerRecord | None:
         with self._lock:

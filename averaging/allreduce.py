@@ -417,7 +417,8 @@ def _reduce_part(
         return acc.div_(sum(ws))
     w = torch.tensor(ws, dtype=torch.float32)
     try:
-        return aggregate(torch.stack(rows) / w[:, None], w, agg)  # robust aggregators see Δ_i, not w_i·Δ_i
+        # Robust aggregators see Δ_i, not w_i·Δ_i; trimming counts the whole group (see aggregate).
+        return aggregate(torch.stack(rows) / w[:, None], w, agg, group_size=group.size)
     except ValueError as e:  # e.g. Δ = w·Δ / w overflowing: fail the round, do not hang the group
         log.warning("round %d: could not aggregate this part: %s", group.round, e)
         return torch.full((L,), float("nan"))

@@ -104,6 +104,13 @@ class Averager:
     def _reduce(self, group: Group, delta: torch.Tensor, weight: float) -> RoundResult:
         """The all-reduce of a formed group (blocking: gloo collectives and store waits)."""
         timeout = self.cfg.allreduce_timeout
+        need = self.cfg.aggregator.min_members
+        if not group.is_client and group.size < need:
+            # A leader with other settings (or other code) formed a group too small for our
+            # aggregator to outvote one bad member: averaging in it would silently be `mean`.
+            msg = f"group of {group.size} is too small for {self.cfg.aggregator.name} (needs {need})"
+            log.warning("round %d: %s; not averaging", group.round, msg)
+            return RoundResult(group.round, "failed", group.members, (), 0.0, 0, msg)
         if group.is_client:
             return client_round(group, self.dht.peer_id, delta, weight, timeout_s=2 * timeout + self.cfg.matchmaking.join_timeout)
         if group.clients:  # we lead and relay for peers behind NAT

@@ -7,6 +7,7 @@ and `--help` printed, before the heavy modules load.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -107,6 +108,44 @@ class AggregatorConfig:
         ):
             raise ValueError(f"clip_iters must be an integer in [0, {MAX_CLIP_ITERS}]; got {self.clip_iters!r}")
 
+    @property
+    def min_members(self) -> int:
+        """The smallest group in which this aggregator outvotes one bad member.
+
+        mean           1: it promises nothing against a bad member at any size.
+        trimmed_mean   the smallest n >= 3 with floor(trim·n) >= 1, i.e. max(3, ceil(1/trim)):
+                       trim 0.2 needs 5, trim 0.25 needs 4, trim 0.34 needs 3. In a smaller
+                       group it trims nothing and is the plain (unweighted) mean. trim 0 asks
+                       for no trimming: 1.
+        centered_clip  3: its starting point, the coordinate-wise median, keeps every
+                       coordinate within the honest range with one bad member of 3 or more; of
+                       2 it is their midpoint. (Its proven regime is stricter: tolerated_faults.)
+
+        A group this size or larger is required (AveragerConfig checks min_group_size against
+        it, and the averager fails a round whose group is smaller), so that choosing a robust
+        aggregator never silently averages like `mean`.
+        """
+        if self.name == "trimmed_mean":
+            return 1 if self.trim == 0 else max(3, math.ceil(1 / Fraction(repr(float(self.trim)))))
+        return 3 if self.name == "centered_clip" else 1
+
+
+def check_group_sizes(agg: AggregatorConfig, mm: MatchmakingConfig) -> None:
+    """Raise ValueError (one line, naming the settings) if groups of `mm`'s sizes would be too
+    small for `agg` to outvote one bad member: min_group_size below agg.min_members, or
+    max_group_size so small that a round split into subgroups (hierarchy.py: ⌈n/cap⌉
+    near-equal subgroups, the smallest ⌊(cap+1)/2⌋ at n = cap+1) gets one that is."""
+    need = agg.min_members
+    what = f"{agg.name} (trim {agg.trim})" if agg.name == "trimmed_mean" else agg.name
+    if mm.min_group_size < need:
+        hint = " or a larger trim" if agg.name == "trimmed_mean" else ""
+        raise ValueError(f"{what} needs groups of at least {need} peers to outvote one bad member, but "
+                         f"min_group_size is {mm.min_group_size}: set min_group_size >= {need}{hint}")
+    if (mm.max_group_size + 1) // 2 < need:
+        raise ValueError(f"{what} needs groups of at least {need} peers, but max_group_size {mm.max_group_size} "
+                         f"splits a larger round into subgroups of {(mm.max_group_size + 1) // 2}: "
+                         f"set max_group_size >= {2 * need - 1}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class AveragerConfig:
@@ -140,3 +179,4 @@ class AveragerConfig:
             raise ValueError(f"unknown codec {self.codec!r} (choose {', '.join(CODECS[:-1])} or {CODECS[-1]})")
         if self.ban_after < 1:
             raise ValueError(f"ban_after must be >= 1, got {self.ban_after}")
+        check_group_sizes(self.aggregator, self.matchmaking)

@@ -99,11 +99,16 @@ def tolerated_faults(cfg: AggregatorConfig, n: int) -> int:
     return n // 10
 
 
-def aggregate(x: torch.Tensor, w: torch.Tensor, cfg: AggregatorConfig) -> torch.Tensor:
+def aggregate(x: torch.Tensor, w: torch.Tensor, cfg: AggregatorConfig, *, group_size: int | None = None) -> torch.Tensor:
     """Reduce n members' contributions for one part to one vector.
 
     x: [n, L] float32 on CPU, finite; row i is member i's Δ_i for this part.
     w: [n] floating, positive and finite; member i's weight (only `mean` uses it).
+    group_size: the group's size, when some members' contributions were already dropped
+    (NaN, undecodable) so that n is smaller. trimmed_mean then trims floor(trim·group_size)
+    per side (capped so one value remains): the faults the group was formed to tolerate stay
+    tolerated after a bad member has been dropped (5 members at trim 0.2, one NaN dropped:
+    k stays 1 on the 4 rows, not floor(0.8) = 0).
     Returns a new [L] float32 tensor (empty if L == 0). Deterministic: identical inputs give
     bit-identical outputs. Raises ValueError on malformed input.
     """
@@ -114,7 +119,7 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, cfg: AggregatorConfig) -> torch.
     if cfg.name == "mean":
         out = weighted_mean(x, w)
     elif cfg.name == "trimmed_mean":
-        out = trimmed_mean(x, trim_count(cfg.trim, n))
+        out = trimmed_mean(x, min(trim_count(cfg.trim, max(n, group_size or n)), (n - 1) // 2))
     else:
         out = centered_clip(x, cfg.clip_tau, cfg.clip_iters)
     return _finish(out, x)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 import multiaddr
 
-from averaging.config import AggregatorConfig, AveragerConfig, MatchmakingConfig, OuterConfig
+from averaging.config import AggregatorConfig, AveragerConfig, MatchmakingConfig, OuterConfig, check_group_sizes
 
 from .configlib import doc
 from .progress import LogConfig
@@ -244,7 +244,7 @@ class SyncConfig:
             raise ValueError(f"allreduce_timeout must be > 0, got {self.allreduce_timeout}")
         if self.compression not in ("fp32", "fp16", "bf16", "int8"):
             raise ValueError(f"compression must be fp32, fp16, bf16 or int8, got {self.compression!r}")
-        self.aggregation()  # validates aggregator, trim, clip_tau, clip_iters
+        check_group_sizes(self.aggregation(), self.matchmaking())  # validates aggregator, trim, clip_*; sizes fit it
         if self.ban_after < 1:
             raise ValueError(f"ban_after must be >= 1, got {self.ban_after}")
         if self.max_stale_rounds < 0:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from averaging.config import AggregatorConfig
 from averaging.dht import SwarmDHT
 from averaging.faults import Tamper
 from peer import Peer, PeerConfig, SwarmConfig, SyncConfig
@@ -42,9 +43,13 @@ def _val_loss(model: nn.Module, w_true: torch.Tensor) -> float:
         return nn.functional.mse_loss(model(x), y).item()
 
 
-def run_swarm(*, honest: int, hostiles: list[Tamper], aggregator: str, rounds: int = 8, run_id: str = "hostile",
-              timeout: float = 240.0) -> tuple[list[PeerOutcome], list[PeerOutcome]]:
-    """Train `honest` + len(hostiles) peers until `rounds` rounds; return (honest outcomes, hostile outcomes)."""
+def run_swarm(*, honest: int, hostiles: list[Tamper], aggregator: str, trim: float = 0.2, rounds: int = 8,
+              run_id: str = "hostile", timeout: float = 240.0) -> tuple[list[PeerOutcome], list[PeerOutcome]]:
+    """Train `honest` + len(hostiles) peers until `rounds` rounds; return (honest outcomes, hostile outcomes).
+
+    Groups are as small as the aggregator allows (AggregatorConfig.min_members: 2 for mean,
+    3 for centered_clip, 5 for trimmed_mean at trim 0.2, 3 at trim 0.34)."""
+    min_group = max(2, AggregatorConfig(name=aggregator, trim=trim).min_members)  # type: ignore[arg-type]
     w_true = torch.randn(DIM, 1, generator=torch.Generator().manual_seed(0))
     init = nn.Linear(DIM, 1).state_dict()  # one initialisation shared by every peer
     boot = SwarmDHT.start(run_id, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -61,7 +66,8 @@ def run_swarm(*, honest: int, hostiles: list[Tamper], aggregator: str, rounds: i
             cfg = PeerConfig(
                 swarm=SwarmConfig(run_id=run_id, initial_peers=boot.visible_maddrs(), host="127.0.0.1"),
                 sync=SyncConfig(every_steps=10, matchmaking_window=15, allreduce_timeout=20, outer_lr=1.0,
-                                outer_momentum=0.0, aggregator=aggregator, min_group_size=2),  # type: ignore[arg-type]
+                                outer_momentum=0.0, aggregator=aggregator, trim=trim,  # type: ignore[arg-type]
+                                min_group_size=min_group),
             )
             gen = torch.Generator().manual_seed(100 + i)
             tamper = hostiles[i - honest] if i >= honest else None

@@ -67,6 +67,42 @@ def test_trimmed_mean_hand_computed_n5():
     assert torch.equal(aggregate(x, torch.tensor([1.0, 1.0, 1.0, 1.0, 1e30]), TRIM), expected)
 
 
+def test_trimming_counts_the_whole_group_after_a_member_was_dropped():
+    # A group of 5 at trim 0.2 tolerates one bad member. If another member's contribution was
+    # already dropped (NaN), 4 rows remain: floor(0.2·4) = 0 would trim nothing and let the
+    # x100 member through; k is computed on the group's 5.
+    x = torch.tensor([[1.0], [2.0], [3.0], [300.0]])
+    assert torch.equal(aggregate(x, ones(4), TRIM, group_size=5), torch.tensor([2.5]))
+    assert torch.equal(aggregate(x, ones(4), TRIM), torch.tensor([76.5]))  # what it would be
+    # k stays capped so that one value remains
+    assert torch.equal(aggregate(x[:1], ones(1), TRIM, group_size=5), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("trim,need", [(0.2, 5), (0.25, 4), (0.34, 3), (0.4, 3), (0.1, 10), (0.19, 6), (0.0, 1)])
+def test_min_members_is_the_smallest_group_that_trims_one_per_side(trim: float, need: int):
+    cfg = AggregatorConfig(name="trimmed_mean", trim=trim)
+    assert cfg.min_members == need
+    if need > 1:
+        assert trim_count(trim, need) == 1 and trim_count(trim, need - 1) == 0
+    assert MEAN.min_members == 1 and CLIP.min_members == 3
+
+
+def test_a_group_size_too_small_for_the_aggregator_is_a_config_error():
+    from averaging.config import AveragerConfig, MatchmakingConfig, check_group_sizes
+
+    with pytest.raises(ValueError, match=r"trimmed_mean \(trim 0.2\) needs groups of at least 5 peers.*"
+                                         r"min_group_size is 2: set min_group_size >= 5 or a larger trim"):
+        AveragerConfig(aggregator=TRIM)
+    with pytest.raises(ValueError, match="centered_clip needs groups of at least 3 peers"):
+        AveragerConfig(aggregator=CLIP)
+    # a round larger than max_group_size is split into subgroups; they must be large enough too
+    with pytest.raises(ValueError, match="set max_group_size >= 9"):
+        check_group_sizes(TRIM, MatchmakingConfig(min_group_size=5, max_group_size=6))
+    check_group_sizes(TRIM, MatchmakingConfig(min_group_size=5, max_group_size=9))
+    check_group_sizes(MEAN, MatchmakingConfig(min_group_size=1, max_group_size=1))
+    AveragerConfig(aggregator=CLIP, matchmaking=MatchmakingConfig(min_group_size=3))
+
+
 def test_trimmed_mean_more_trimming_gives_median():
     x = torch.tensor([[5.0], [1.0], [4.0], [2.0], [3.0]])
     cfg = AggregatorConfig(name="trimmed_mean", trim=0.4)  # k = 2 of 5: only the median remains

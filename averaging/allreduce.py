@@ -45,7 +45,7 @@ import math
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,6 +77,9 @@ class RoundResult:
     # Contributions this peer refused in this round: (peer id, reason). The averager counts
     # them as strikes against the sender and bans repeat offenders.
     rejected: tuple[tuple[str, str], ...] = ()
+    # The all-reduce's own seconds (duration_s is the whole round, matchmaking included, once
+    # the Averager has run it).
+    transfer_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -152,35 +155,49 @@ def weighted_allreduce(
     group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float,
     codec: str | Compression = "fp32", pipeline_chunk: int = 0, aggregator: AggregatorConfig | None = None,
     trusted: bool = False, tamper: Tamper | None = None, secret: Credential | None = None,
+    out: torch.Tensor | None = None,
 ) -> RoundResult:
     """Aggregate `delta` [P] over the group (by default the mean weighted by each member's `weight`).
 
     Failure behaviour: never raises for network faults. A member that dies or stalls makes
     gloo raise within `timeout_s` (sooner when its sockets close); the result is then
-    `failed` and `delta` is untouched. Blocks for at most about 2·timeout_s (rendezvous +
-    transfer). Bad contributions (wrong size, NaN/Inf, undecodable) are dropped on the
-    part-wise path and listed in `rejected`; on the trusted fp32 SUM path they fail the round.
+    `failed`. Blocks for at most about 2·timeout_s (rendezvous + transfer). Bad contributions
+    (wrong size, NaN/Inf, undecodable) are dropped on the part-wise path and listed in
+    `rejected`; on the trusted fp32 SUM path they fail the round.
     `tamper` is the fault-injection seam of the hostile-peer tests (see faults.py).
     `secret` (a private run): members prove they hold it before any data is exchanged; a
     member that cannot is excluded (part-wise path) or fails the round (SUM path).
+
+    Memory: `out` (fp32 [P] on the CPU) receives the result, and may be `delta` itself: the
+    round then needs no vector of its own, only chunk-sized temporaries (a round of a 100M
+    model would otherwise allocate several 0.4 GB vectors). A chunk of `delta` is read
+    before that chunk of `out` is written. After a `failed` round, `out` holds garbage (so
+    `delta` too, when they are the same tensor). Without `out`, a new vector is returned
+    and `delta` is never modified.
     """
     if not (weight > 0 and math.isfinite(weight)):
         raise ValueError(f"weight must be positive and finite, got {weight}")
+    P = delta.numel()
+    if out is None:
+        out = torch.empty(P, dtype=torch.float32)
+    elif out.numel() != P or out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 CPU tensor of {P} values")
+    out = out.reshape(-1)
     comp = Compression.named(codec) if isinstance(codec, str) else codec
     agg = aggregator or AggregatorConfig()
     if not (comp.codec.lossless and trusted and agg.name == "mean" and tamper is None):
         return _partwise_allreduce(group, delta, weight, host=host, timeout_s=timeout_s, comp=comp,
-                                   chunk=pipeline_chunk or (PIPELINE_CHUNK // 4 if comp.codec.lossless else PIPELINE_CHUNK), agg=agg, tamper=tamper, secret=secret)
+                                   chunk=pipeline_chunk or (PIPELINE_CHUNK // 4 if comp.codec.lossless else PIPELINE_CHUNK),
+                                   agg=agg, tamper=tamper, secret=secret, out=out)
     t0 = time.monotonic()
     n, r = group.size, group.rank
-    P = delta.numel()
-    # Private buffer on CPU: gloo reduces in place and corrupts the buffer if a peer dies.
-    buf = torch.empty(P + 2 * n, dtype=torch.float32)
-    torch.mul(delta.reshape(-1).to("cpu", torch.float32), weight, out=buf[:P])
-    buf[P:] = 0.0
-    buf[P + r] = weight
-    buf[P + n + r] = 1.0
-    sent = ring_bytes(buf.numel() * 4, n)
+    # gloo reduces in place (and corrupts the buffer if a peer dies): `out` is that buffer.
+    buf = out
+    torch.mul(delta.reshape(-1).to("cpu", torch.float32), weight, out=buf)
+    tally = torch.zeros(2 * n, dtype=torch.float32)  # [w_0..w_{n-1} | one-hot counts], summed in a second all-reduce
+    tally[r] = weight
+    tally[n + r] = 1.0
+    sent = ring_bytes((P + 2 * n) * 4, n)
 
     def failed(msg: str, weights: tuple[float, ...] = ()) -> RoundResult:
         log.warning("round %d failed: %s", group.round, msg)
@@ -196,25 +213,24 @@ def weighted_allreduce(
             if unauthorized:  # a SUM cannot leave anyone out: fail rather than mix in an outsider
                 return failed(f"members without this run's credential: {', '.join(p[-8:] for p in unauthorized)}")
         pg.allreduce([buf]).wait()
+        pg.allreduce([tally]).wait()
     except RuntimeError as e:  # gloo reports peer death, timeouts and rendezvous failures as RuntimeError
         return failed(f"all-reduce over {n} peers failed: {_first_line(e)}")
     finally:
         if pg is not None:
             _REAPER.retire(pg)
 
-    weights = tuple(float(w) for w in buf[P : P + n])
-    counts = buf[P + n :]
+    weights = tuple(float(w) for w in tally[:n])
+    counts = tally[n:]
     if not torch.equal(counts, torch.ones(n)):
         return failed(f"incomplete: contributions received per member = {counts.tolist()}", weights)
     total = sum(weights)
     if not (total > 0 and math.isfinite(total)):
         return failed(f"invalid total weight {total}", weights)
-    mean = buf[:P].div_(total)
+    mean = buf.div_(total)
     if not all_finite(mean):
         return failed("non-finite values in the averaged result", weights)
-    return RoundResult(
-        group.round, "complete", group.members, weights, time.monotonic() - t0, sent, None, mean.to(delta.device)
-    )
+    return RoundResult(group.round, "complete", group.members, weights, time.monotonic() - t0, sent, None, mean)
 
 
 # Compressed rounds are pipelined in chunks of this many values: while gloo sends chunk k,
@@ -222,9 +238,15 @@ def weighted_allreduce(
 PIPELINE_CHUNK = 1 << 20
 
 
+# Chunks in flight at once in each phase: enough to keep the link busy while this thread
+# encodes or reduces the next one, few enough that a round's temporaries are O(WINDOW · chunk)
+# (a few tens of MB), not O(P).
+WINDOW = 4
+
+
 def _partwise_allreduce(
     group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float, comp: Compression, chunk: int,
-    agg: AggregatorConfig, tamper: Tamper | None, secret: Credential | None = None,
+    agg: AggregatorConfig, tamper: Tamper | None, secret: Credential | None = None, out: torch.Tensor,
 ) -> RoundResult:
     t0 = time.monotonic()
     n, r = group.size, group.rank
@@ -238,9 +260,14 @@ def _partwise_allreduce(
     # All-gathered, not summed, so no member can write into another member's entries; fp64 keeps sizes exact.
     meta = torch.zeros(2 + n, dtype=torch.float64)
     meta[0], meta[1] = weight, P if tamper is None else tamper.declared_numel(P)
-    x = delta.detach().reshape(-1).to("cpu", torch.float32) * weight  # private copy [P]
-    if tamper is not None:
-        x = tamper.apply(x, group.round)
+    src, scale = delta.detach().reshape(-1), weight  # this member sends scale·src, computed chunk by chunk
+    if tamper is not None:  # the hostile-peer seam works on the whole (test-sized) vector
+        src, scale = tamper.apply(src.to("cpu", torch.float32) * weight, group.round), 1.0
+
+    def contribution(s0: int, e0: int) -> torch.Tensor:
+        """w·Δ[s0:e0], fp32 on the CPU: a new chunk-sized tensor (never a view of `out`)."""
+        return torch.mul(src[s0:e0].to("cpu", torch.float32), scale)
+
     pending: list = []  # error-feedback residuals, committed only if the round completes
     sent = (n - 1) * meta.numel() * 8
     weights: tuple[float, ...] = ()
@@ -283,46 +310,58 @@ def _partwise_allreduce(
                 valid.append(i)
         if r in valid and size != P:  # cannot happen for an honest peer; a guard against misuse
             return failed(f"this peer's update has {P} values but the group agreed on {size}")
+        if size != P:  # excluded with the wrong size: nothing of ours goes out, nothing comes back to us
+            out = torch.empty(size, dtype=torch.float32)
         owner = {i: j for j, i in enumerate(valid)}  # rank -> index of the part it reduces
         m = len(valid)
         me_in = r in owner
-        # Each chunk [c0, c1) is split into m parts; part j of every valid member's chunk goes to valid[j].
-        chunks = [[(c0 + s, c0 + e) for s, e in partition(min(c0 + chunk, size) - c0, m)] for c0 in range(0, size, chunk)]
-        # Phase 2, reduce-scatter: encode each chunk and issue its all-to-all without waiting.
-        scatters = []
-        for parts in chunks:
+        if m == 0:
+            return failed("no member's contribution is valid")
+
+        def scatter(parts: list[tuple[int, int]]):
+            """Phase 2, reduce-scatter of one chunk: encode it and issue its all-to-all (not waited for)."""
+            nonlocal sent
+            c0, c1 = parts[0][0], parts[-1][1]
+            x = contribution(c0, c1) if me_in else None  # [c1 − c0] w·Δ; part j starts at parts[j][0] − c0
+            own = None
             encoded = []
             for i in range(n):
-                if not me_in or i == r or i not in owner:  # nothing crosses the wire for our own part
+                if not me_in or i not in owner:
                     encoded.append(torch.empty(0, dtype=torch.uint8))
                     continue
                 s0, e0 = parts[owner[i]]
-                if lossless:  # fp32: the bytes themselves, no error feedback to keep
-                    encoded.append(x[s0:e0].view(torch.uint8))
-                    continue
-                data, _, res = comp.contrib.compress(x[s0:e0], s0)
-                encoded.append(data)
-                pending.append((comp.contrib, s0, res))
+                seg = x[s0 - c0 : e0 - c0]
+                if i == r:  # nothing crosses the wire for our own part
+                    own = seg
+                    encoded.append(torch.empty(0, dtype=torch.uint8))
+                elif lossless:  # fp32: the bytes themselves, no error feedback to keep
+                    encoded.append(seg.view(torch.uint8))
+                else:
+                    data, _, res = comp.contrib.compress(seg, s0)
+                    encoded.append(data)
+                    pending.append((comp.contrib, s0, res))
             part_bytes = codec.wire_bytes(parts[owner[r]][1] - parts[owner[r]][0]) if me_in else 0
             recv_splits = [part_bytes if me_in and i != r and i in owner else 0 for i in range(n)]
             received = torch.empty(sum(recv_splits), dtype=torch.uint8)
             splits = [d.numel() for d in encoded]
             sent += sum(splits)
-            work = pg.alltoall_base(received, torch.cat(encoded), recv_splits, splits)
-            scatters.append((parts, received, recv_splits, work))
-        # Phase 3, all-gather: as each chunk's parts arrive, reduce ours and send the encoded result part.
-        gathers = []
-        for parts, received, recv_splits, work in scatters:
+            send = torch.cat(encoded)  # [Σ splits] bytes, chunk-sized
+            return parts, own, received, recv_splits, pg.alltoall_base(received, send, recv_splits, splits), send
+
+        def gather(item):
+            """Phase 3 of one chunk: once its parts have arrived, reduce ours and issue the all-gather."""
+            nonlocal sent
+            parts, own, received, recv_splits, work, _send = item
             work.wait()
             max_bytes = codec.wire_bytes(max(e - s for s, e in parts))
             padded = torch.zeros(max_bytes, dtype=torch.uint8)
             if me_in:
                 my_s, my_e = parts[owner[r]]
                 if lossless:
-                    result = _reduce_part(group, received, recv_splits, x[my_s:my_e], weights, valid, codec, agg, rejected)
+                    result = _reduce_part(group, received, recv_splits, own, weights, valid, codec, agg, rejected)
                     padded[: 4 * (my_e - my_s)] = result.view(torch.uint8)
                 else:
-                    result = _reduce_part(group, received, recv_splits, x[my_s:my_e] + comp.contrib.residual[my_s:my_e],
+                    result = _reduce_part(group, received, recv_splits, own + comp.contrib.residual[my_s:my_e],
                                           weights, valid, codec, agg, rejected)
                     # Our own contribution went in exact, plus any residual left on this range from rounds in
                     # which another member owned it (that residual is now spent).
@@ -330,15 +369,37 @@ def _partwise_allreduce(
                     mean_data, _, res = comp.mean.compress(result, my_s)
                     pending.append((comp.mean, my_s, res))
                     padded[: mean_data.numel()] = mean_data
-            gathered = [torch.empty(max_bytes, dtype=torch.uint8) for _ in range(n)]
+            gathered = torch.empty(n, max_bytes, dtype=torch.uint8)
             sent += (n - 1) * max_bytes
-            gathers.append((parts, gathered, pg.allgather([gathered], [padded])))
-        mean = torch.empty(size, dtype=torch.float32)
-        for parts, gathered, work in gathers:
+            return parts, gathered, pg.allgather([list(gathered.unbind(0))], [padded]), padded
+
+        def land(item) -> None:
+            """The chunk's result parts have arrived: decode them into `out` (this chunk of
+            `delta` was read in `scatter`, long before)."""
+            parts, gathered, work, _padded = item
             work.wait()
             for j, (s0, e0) in enumerate(parts):
-                got = gathered[valid[j]][: codec.wire_bytes(e0 - s0)]
-                mean[s0:e0] = got.view(torch.float32) if lossless else codec.decode(got, e0 - s0)
+                got = gathered[valid[j], : codec.wire_bytes(e0 - s0)]
+                out[s0:e0] = got.view(torch.float32) if lossless else codec.decode(got, e0 - s0)
+
+        # Each chunk [c0, c1) is split into m parts; part j of every valid member's chunk goes to
+        # valid[j]. A pipeline, in the same order on every member (gloo matches collectives by
+        # order): at most WINDOW chunks are between scatter and gather, and WINDOW between
+        # gather and landing.
+        scattering: deque = deque()
+        gathering: deque = deque()
+        for c0 in range(0, size, chunk):
+            scattering.append(scatter([(c0 + a, c0 + b) for a, b in partition(min(c0 + chunk, size) - c0, m)]))
+            if len(scattering) > WINDOW:
+                gathering.append(gather(scattering.popleft()))
+            if len(gathering) > WINDOW:
+                land(gathering.popleft())
+        while scattering:
+            gathering.append(gather(scattering.popleft()))
+            if len(gathering) > WINDOW:
+                land(gathering.popleft())
+        while gathering:
+            land(gathering.popleft())
     except RuntimeError as e:
         return failed(f"{codec.name} all-reduce over {n} peers failed: {_first_line(e)}")
     except CodecError as e:
@@ -351,12 +412,12 @@ def _partwise_allreduce(
                     "; ".join(f"{pid[-8:]}: {why}" for pid, why in sorted(set(rejected))))
     if not me_in:
         return failed("this peer's contribution was excluded by the group (see the other peers' logs)")
-    if not all_finite(mean):
+    if not all_finite(out):
         return failed("non-finite values in the averaged result")
     for fb, s0, res in pending:  # the round completed: the quantization errors are now "sent"
         fb.commit(s0, res)
     return RoundResult(group.round, "complete", group.members, weights, time.monotonic() - t0, sent, None,
-                       mean.to(delta.device), rejected=tuple(sorted(set(rejected))))
+                       out, rejected=tuple(sorted(set(rejected))))
 
 
 def _check_credentials(pg: dist.ProcessGroupGloo, group: Group, secret: Credential) -> list[float]:

@@ -44,14 +44,15 @@ class Averager:
         )
 
     def average(
-        self, round_: int, fingerprint: str, delta: torch.Tensor, weight: float, expected_size: Callable[[], int]
+        self, round_: int, fingerprint: str, delta: torch.Tensor, weight: float, expected_size: Callable[[], int],
+        *, refill: Callable[[], object] | None = None,
     ) -> RoundResult:
         """`average_async`, blocking the calling thread (which must not run an event loop)."""
-        return asyncio.run(self.average_async(round_, fingerprint, delta, weight, expected_size))
+        return asyncio.run(self.average_async(round_, fingerprint, delta, weight, expected_size, refill=refill))
 
     async def average_async(
         self, round_: int, fingerprint: str, delta: torch.Tensor, weight: float,
-        expected_size: Callable[[], int | Awaitable[int]],
+        expected_size: Callable[[], int | Awaitable[int]], *, refill: Callable[[], object] | None = None,
     ) -> RoundResult:
         """Meet the peers at `round_` and average `delta` with them.
 
@@ -66,12 +67,17 @@ class Averager:
         `complete` only if every final member's contribution is in every part; the lost
         member's contribution is dropped, never half-applied. One retry, no more.
 
+        In place (`refill` given): the round works in `delta` itself (fp32 [P], CPU) and needs
+        no vector of its own; a complete round's `mean_delta` is `delta`, holding Δ̄. An attempt
+        that fails may leave garbage there, so `refill()` (called in the executor) must write
+        Δ into `delta` again before the retry. Without `refill`, `delta` is never modified.
+
         Failure behaviour: never raises for network faults; returns a `failed` RoundResult
-        within about 2 × (window + join_timeout + 2·allreduce_timeout) seconds. `delta` is
-        never modified.
+        within about 2 × (window + join_timeout + 2·allreduce_timeout) seconds.
         """
         t0 = time.monotonic()
-        result, group = await self._attempt(round_, fingerprint, delta, weight, expected_size)
+        out = delta if refill is not None else None
+        result, group = await self._attempt(round_, fingerprint, delta, weight, expected_size, out)
         if not result.ok and group is not None and group.size >= 3 and not group.is_client:
             survivors = group.size - 1
             log.info("round %d: a member failed mid-round (%s); retrying at once with the others", round_, result.error)
@@ -81,15 +87,17 @@ class Averager:
             async def fewer() -> int:
                 return min(await resolve_size(expected_size), survivors)
 
+            if refill is not None:
+                await asyncio.to_thread(refill)
             retry, _ = await self._attempt(round_, f"{fingerprint}.retry-{group.prefix.split('/')[1]}", delta, weight,
-                                           fewer)
+                                           fewer, out)
             result = dataclasses.replace(retry, bytes_sent=retry.bytes_sent + result.bytes_sent)
         # Report the whole round's duration, matchmaking (and a retry) included.
         return dataclasses.replace(result, duration_s=time.monotonic() - t0)
 
     async def _attempt(
         self, round_: int, topic: str, delta: torch.Tensor, weight: float,
-        expected_size: Callable[[], int | Awaitable[int]],
+        expected_size: Callable[[], int | Awaitable[int]], out: torch.Tensor | None = None,
     ) -> tuple[RoundResult, Group | None]:
         """One matchmaking (among the peers declaring `topic`) + all-reduce; the group, if one formed."""
         t0 = time.monotonic()
@@ -97,11 +105,11 @@ class Averager:
             group = await self.matchmaker.form_group_async(round_, topic, expected_size)
         except MatchmakingError as e:
             return RoundResult(round_, "failed", (self.dht.peer_id,), (), time.monotonic() - t0, 0, str(e)), None
-        result = await asyncio.to_thread(self._reduce, group, delta, weight)
+        result = await asyncio.to_thread(self._reduce, group, delta, weight, out)
         self._strike(result)
-        return result, group
+        return dataclasses.replace(result, transfer_s=result.duration_s), group
 
-    def _reduce(self, group: Group, delta: torch.Tensor, weight: float) -> RoundResult:
+    def _reduce(self, group: Group, delta: torch.Tensor, weight: float, out: torch.Tensor | None = None) -> RoundResult:
         """The all-reduce of a formed group (blocking: gloo collectives and store waits)."""
         timeout = self.cfg.allreduce_timeout
         need = self.cfg.aggregator.min_members
@@ -124,9 +132,9 @@ class Averager:
                                          mean_delta=None if result.mean_delta is None else result.mean_delta.to(delta.device))
             publish_to_clients(group, result, included)
             return result
-        return self._allreduce(group, delta, weight)
+        return self._allreduce(group, delta, weight, out)
 
-    def _allreduce(self, group: Group, delta: torch.Tensor, weight: float) -> RoundResult:
+    def _allreduce(self, group: Group, delta: torch.Tensor, weight: float, out: torch.Tensor | None = None) -> RoundResult:
         cap = max(2, self.cfg.matchmaking.max_group_size)  # a "subgroup" of 1 would average nothing
         if group.size > cap:  # more peers than one group holds: subgroups, combined exactly
             return hierarchical_allreduce(group, delta, weight, cap=cap, host=self.cfg.announce_host,
@@ -135,7 +143,7 @@ class Averager:
                                           secret=self.cfg.secret)
         return weighted_allreduce(group, delta, weight, host=self.cfg.announce_host, timeout_s=self.cfg.allreduce_timeout,
                                   codec=self.compression, aggregator=self.cfg.aggregator, trusted=self.cfg.trusted,
-                                  tamper=self.tamper, secret=self.cfg.secret)
+                                  tamper=self.tamper, secret=self.cfg.secret, out=out)
 
     def _strike(self, result: RoundResult) -> None:
         """One strike per round against each peer whose contribution this peer rejected."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from averaging.lazy import lazy_exports
 
 _WHERE = {
-    "Peer": "api", "AsyncPeer": "aio", "PeerStats": "stats",
+    "Peer": "api", "AsyncPeer": "aio", "PeerStats": "stats", "RoundCost": "stats",
     "CheckpointConfig": "config", "PeerConfig": "config", "RunConfig": "config", "SwarmConfig": "config",
     "SyncConfig": "config", "TrainConfig": "config",
 }

@@ -32,13 +32,14 @@ from averaging.errors import AccessError, ModelMismatchError, StateError
 from averaging.identity import ensure_identity, load_identity
 from averaging.faults import Tamper
 from averaging.flat import describe_schema, parameter_schema, schema_fingerprint
+from averaging.memory import steady_malloc
 
 from .config import PeerConfig
 from .loop import PeerLoop
 from .membership import MAX_MADDRS, Announcer, PeerRecord, Rediscovery, record_validator
 from .rounds import HISTORY_ROUNDS, NO_PEER, RoundLoop  # noqa: F401  (re-exported: tests and tools use them)
 from .state import CheckpointDir, SwarmState
-from .stats import PeerStats
+from .stats import PeerStats, RoundCost
 from .transfer import StateServer
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Peer:
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
+        steady_malloc()  # RSS flat across rounds (averaging/memory.py)
         sw = self.config.swarm
         identity = None
         if sw.allowlist_file:  # an allowlisted run signs with the persistent key the list names
@@ -120,7 +122,7 @@ class Peer:
             listen_host=sw.host, announce_host=self.announce_host, client_mode=sw.client_mode, secret=secret),
             tamper=self._tamper)
         if self._averager.matchmaker.store is not None:  # client-mode peers cannot serve state
-            self._server = StateServer(self._averager.matchmaker.store, lambda: self._rounds.state)
+            self._server = StateServer(self._averager.matchmaker.store, lambda: self._rounds.state, self._rounds.state_lock)
         self._rounds.attach(peer_id=self.peer_id, dht=self._dht, averager=self._averager, server=self._server,
                             loop=self._loop)
         self._check_compatible()
@@ -294,7 +296,13 @@ class Peer:
         return self._rounds.history
 
     @property
-    def outer(self):  # -> OuterOptimizer: θ_sync and the outer momentum (CPU, fp32)
+    def round_costs(self) -> tuple[RoundCost, ...]:
+        """The last completed rounds' time split (matchmaking, transfer, local), oldest first
+        (blocking sync; overlap mode does not record it)."""
+        return tuple(self._rounds.costs)
+
+    @property
+    def outer(self):  # -> OuterOptimizer: θ_sync, the outer momentum and the round buffer (host, fp32)
         return self._rounds.outer
 
     @property

@@ -132,6 +132,15 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
 
 
+# Sizes of the embedded GPT that are large for a volunteer's CPU (docs/running-a-peer.md,
+# "Model sizes"): 12·n_layer·n_embd² parameters in the blocks, plus the embeddings.
+MODEL_PRESETS: dict[str, dict] = {
+    "25M": dict(n_layer=8, n_head=8, n_embd=512, block_size=256, about="25.5M parameters"),
+    "50M": dict(n_layer=8, n_head=12, n_embd=720, block_size=256, about="50.2M parameters"),
+    "100M": dict(n_layer=8, n_head=16, n_embd=1024, block_size=256, about="101.3M parameters"),
+}
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Shape of the model. All peers in a swarm must use the same config."""
@@ -142,8 +151,16 @@ class ModelConfig:
     n_head: int = doc(4, 'Number of attention heads per block; must divide n_embd.')
     n_embd: int = doc(128, 'Width of the residual stream C.')
     dropout: float = doc(0.0, 'Dropout probability used during training (0 disables dropout).')
+    preset: str = doc("", "a named size that sets n_layer, n_head, n_embd and block_size: "
+                          + ", ".join(f"{k} ({v['about']})" for k, v in MODEL_PRESETS.items()) + "; '' = the fields")
 
     def __post_init__(self) -> None:
+        if self.preset:
+            if self.preset not in MODEL_PRESETS:
+                raise ValueError(f"unknown model.preset {self.preset!r} (choose {', '.join(MODEL_PRESETS)})")
+            for name, value in MODEL_PRESETS[self.preset].items():
+                if name != "about":
+                    setattr(self, name, value)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             _check_positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head != 0:

@@ -21,8 +21,11 @@ server, announcer, loop), which it attaches once they exist.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -35,7 +38,7 @@ from averaging.allreduce import RoundResult
 from averaging.averager import Averager
 from averaging.dht import SwarmDHT, dht_time
 from averaging.errors import StateError
-from averaging.flat import flatten_params, tensor_digest, write_flat_
+from averaging.flat import tensor_digest
 from averaging.outer import OuterOptimizer
 
 from .config import PeerConfig
@@ -44,8 +47,8 @@ from .membership import (RECENT_ROUNDS, Announcer, PeerRecord, RoundOutcome, aan
                          better_states, donors_for)
 from .schedule import ComputeClock, SyncSchedule
 from .state import CheckpointDir, SwarmState
-from .stats import Counters, PeerStats
-from .transfer import StateServer, download_state
+from .stats import Counters, PeerStats, RoundCost
+from .transfer import MAX_DONORS, StateServer, download_state
 
 log = logging.getLogger("peer.api")  # the name users filter on (docs/python-api.md "Seeing the logs")
 
@@ -84,7 +87,21 @@ class RoundLoop:
         self.device = params[0].device
         self.config = config
         self.fingerprint = fingerprint
-        self.outer = OuterOptimizer(flatten_params(params).cpu(), config.sync.outer())
+        # θ_sync, the outer momentum and the round buffer: host memory (pinned for a CUDA model),
+        # allocated once, updated in place (averaging/outer.py).
+        self.outer = OuterOptimizer.from_params(params, config.sync.outer(), pin=self.device.type == "cuda")
+        # Held while θ_sync and the momentum change (a round applied, a state adopted): the state
+        # server streams them from another thread, chunk by chunk, under it.
+        self.state_lock = threading.Lock()
+        self._snap: torch.Tensor | None = None  # overlap mode: θ_local when the round in flight started
+        self._local_s = 0.0  # this round's own work so far: Δ, the outer step, the parameters, the digest
+        self._checkpoint_s = 0.0  # the last round's checkpoint save (not a round cost)
+        # θ_sync's digest, computed off the training thread after a round (see set_state);
+        # one thread, owned here, shut down by close().
+        self._digests = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarmtrain-digest")
+        self._digest_future: concurrent.futures.Future | None = None
+        self._digest = ""
+        self.last_download_s: float | None = None  # the last state download's duration
         self.schedule = SyncSchedule(config.sync.every_steps, config.sync.every_seconds)
         self.round = 0
         self.counters = Counters()
@@ -96,6 +113,7 @@ class RoundLoop:
         # one parameter vector per round (100M parameters = 0.4 GB a round).
         self.history: deque[RoundResult] = deque(maxlen=HISTORY_ROUNDS)
         self.outcomes: deque[RoundOutcome] = deque(maxlen=RECENT_ROUNDS)  # published with the metrics
+        self.costs: deque[RoundCost] = deque(maxlen=HISTORY_ROUNDS)  # completed rounds' time split
         self.catch_up: tuple[int, str] = (0, "")  # the state being downloaded, announced (see _announce_catch_up)
         self._alone = _AloneNotice()
         self._unbacked: set[tuple[str, int, str]] = set()  # (peer id, round, digest) claims no download backed
@@ -123,12 +141,13 @@ class RoundLoop:
         self._announcer = announcer
 
     def close(self) -> None:
-        """Apply the round in flight (overlap mode), so its result is not lost."""
+        """Apply the round in flight (overlap mode), so its result is not lost; finish the digest."""
         if self._in_flight is not None:
             try:
                 self._collect_in_flight()
             except Exception as e:  # a round that crashed (or was cancelled) must not prevent a clean shutdown
                 log.warning("the round in flight failed while leaving: %s", e)
+        self._digests.shutdown(wait=True)  # bounded: one hash of θ_sync
         self._server = self._announcer = None
 
     # ------------------------------------------------------------------ counters
@@ -178,25 +197,42 @@ class RoundLoop:
         try:
             if self.config.sync.overlap:
                 return self._sync_overlapped()
-            snap = flatten_params(self.params).cpu()
+            # The training thread waits, so the parameters are θ_local for the whole round: Δ is
+            # computed from them straight into the round buffer (again for a retry).
+            fill = functools.partial(self.outer.pseudo_gradient_, self.params, self.outer.round_buffer())
             self._weight_in_flight = self.counters.samples_since_sync
-            result = self._loop.call(self._round(snap, self._weight(), self.round, self.meeting_key()),
+            t0, self._local_s = time.monotonic(), 0.0
+            result = self._loop.call(self._round(fill, self._weight(), self.round, self.meeting_key()),
                                      f"round {self.round + 1}")
-            self._finish_round(result, snap)
+            self._finish_round(result, None)
+            if result.ok:  # matchmaking: the rest (waiting for joiners, DHT reads, meeting the group)
+                wall = time.monotonic() - t0 - self._checkpoint_s
+                self.costs.append(RoundCost(self.round, wall - result.transfer_s - self._local_s, result.transfer_s,
+                                            self._local_s))
             self.schedule.done(result.ok)
-            return result
+            return dataclasses.replace(result, mean_delta=None)  # it was the round buffer: reused, and the step's scratch
         finally:
             self.clock.end_wait()
 
-    async def _round(self, snap: torch.Tensor, weight: float, round_: int, key: str) -> RoundResult:
-        """One round on the peer's loop: wait for joiners, then matchmaking + all-reduce of
-        Δ = θ_sync − snap. Cancellable at any wait (the round is then simply not taken part in)."""
+    async def _round(self, fill: Callable[[], torch.Tensor], weight: float, round_: int, key: str) -> RoundResult:
+        """One round on the peer's loop: wait for joiners, then matchmaking + all-reduce of Δ,
+        which `fill()` writes into the round buffer (and returns). The all-reduce works in that
+        buffer: a complete round's mean_delta is it. Cancellable at any wait (the round is then
+        simply not taken part in)."""
         assert self._averager is not None
         await self._wait_for_joiners(round_)
-        delta = await asyncio.to_thread(self.outer.pseudo_gradient, snap)  # [P] fp32, off the loop
         if await self.expected_group_size_async() < self.config.sync.min_group_size:
             return RoundResult(round_, "failed", (self.peer_id,), (), 0.0, 0, NO_PEER)
-        return await self._averager.average_async(round_, key, delta, weight, self.expected_group_size_async)
+        delta = await asyncio.to_thread(self._timed, fill)  # [P] fp32, off the loop
+        return await self._averager.average_async(round_, key, delta, weight, self.expected_group_size_async,
+                                                  refill=functools.partial(self._timed, fill))
+
+    def _timed(self, fill: Callable[[], torch.Tensor]) -> torch.Tensor:
+        t0 = time.monotonic()
+        try:
+            return fill()
+        finally:
+            self._local_s += time.monotonic() - t0
 
     async def _wait_for_joiners(self, round_: int) -> None:
         """A peer downloading our state is about to join this state's next round: arrive at that
@@ -223,9 +259,10 @@ class RoundLoop:
                 said = True
             await asyncio.sleep(0.2)
 
-    def _finish_round(self, result: RoundResult, snap: torch.Tensor) -> None:
-        """Apply a round's result. `snap` is θ_local when the round started: local progress made
-        since then (overlap mode) is kept on top of the new θ_sync."""
+    def _finish_round(self, result: RoundResult, snap: torch.Tensor | None) -> None:
+        """Apply a round's result. `snap` (overlap mode) is θ_local when the round started: local
+        progress made since then is kept on top of the new θ_sync. Without it, the parameters
+        are θ_local (training waited) and become the new θ_sync."""
         c = self.counters
         if self._loss_t is not None:
             self.last_loss = float(self._loss_t)
@@ -250,9 +287,17 @@ class RoundLoop:
             return
         self._alone.reset()
         assert result.mean_delta is not None
-        theta = self.outer.apply(result.mean_delta)
-        local = flatten_params(self.params).cpu()
-        write_flat_(self.params, (theta + (local - snap)).to(self.device))
+        t_local = time.monotonic()
+        _ = self.digest  # (computed long ago: the round's meeting key needed it) θ_sync changes now
+        with self.state_lock:  # in place: Δ̄ (the round buffer) is the step's scratch
+            theta = self.outer.apply(result.mean_delta)
+            # a new state object at once: a stream of the old one stops at its next chunk
+            self.state = SwarmState(self.round + 1, self.fingerprint, theta, self.outer.momentum_buf,
+                                    self.counters.total_samples)
+        if snap is None:
+            self._write_params(lambda s, e: theta[s:e])
+        else:  # θ_local ← θ_sync + (θ_local − snap), evaluated as θ_local + (θ_sync − snap), one tensor at a time
+            self._write_params(lambda s, e: theta[s:e] - snap[s:e], add=True)
         self.round += 1
         c.rounds_ok += 1
         c.samples_averaged += min(self._weight_in_flight, c.samples_since_sync)
@@ -261,9 +306,13 @@ class RoundLoop:
         self._stale_cut = 0.0  # the carried samples were in this round; what is pending now is fresh
         c.bytes_sent += result.bytes_sent
         c.bytes_recv += result.bytes_sent  # all-reduce traffic is symmetric: each member receives what it sends
-        self.set_state(SwarmState(self.round, self.fingerprint, theta, self.outer.momentum_buf, c.total_samples))
+        self.set_state(self.state, background=True)  # made under the lock above; digested and announced off this thread
+        self._local_s += time.monotonic() - t_local
+        self._checkpoint_s = 0.0
         if self.ckpt is not None and self.round % self.config.checkpoint.every_rounds == 0:
+            t_ck = time.monotonic()
             self.save_checkpoint()
+            self._checkpoint_s = time.monotonic() - t_ck
         log.info("round %d complete: %d peers, %.2fs", self.round, len(result.members), result.duration_s)
 
     def _weight(self) -> float:
@@ -274,9 +323,15 @@ class RoundLoop:
     def _sync_overlapped(self) -> RoundResult | None:
         result = self._collect_in_flight()
         assert self._loop is not None
-        snap = flatten_params(self.params).cpu()
+        # Training goes on during the round: Δ is taken from a copy of θ_local as it is now
+        # (one more vector than the blocking mode: 16 B/param instead of 12, see docs).
+        if self._snap is None:
+            self._snap = torch.empty(self.outer.numel, dtype=torch.float32, pin_memory=self.outer.pin)
+        snap = self._snap
+        self._read_params(snap)
+        fill = functools.partial(self.outer.pseudo_gradient_, snap, self.outer.round_buffer())
         self._weight_in_flight = max(self.counters.samples_since_sync, 1)
-        self._in_flight = (self._loop.submit(self._round(snap, self._weight(), self.round, self.meeting_key()),
+        self._in_flight = (self._loop.submit(self._round(fill, self._weight(), self.round, self.meeting_key()),
                                              f"round {self.round + 1}"), snap)
         self.schedule.done(True)  # the next sync point is a full period away
         return result
@@ -289,15 +344,58 @@ class RoundLoop:
         self._in_flight = None
         result = future.result()  # bounded: the averager's own timeouts
         self._finish_round(result, snap)
-        return result
+        return dataclasses.replace(result, mean_delta=None)
+
+    # ------------------------------------------------------------------ parameters
+    @torch.no_grad()
+    def _write_params(self, values: Callable[[int, int], torch.Tensor], add: bool = False) -> None:
+        """Each parameter p (flat range [s, e)) ← values(s, e) (fp32 on the host), or += with
+        `add`: one parameter-sized temporary at a time, never a flat copy of the model."""
+        o = 0
+        for p in self.params:
+            v = values(o, o + p.numel()).view_as(p).to(p.device)
+            if add:  # in fp32 whatever p's dtype (for fp32 p, in place)
+                p.copy_(p.to(torch.float32).add_(v))
+            else:
+                p.copy_(v)
+            o += p.numel()
+
+    @torch.no_grad()
+    def _read_params(self, out: torch.Tensor) -> None:
+        """out [P] fp32 (host) ← the parameters, one at a time."""
+        o = 0
+        for p in self.params:
+            out[o : o + p.numel()].copy_(p.detach().reshape(-1))
+            o += p.numel()
 
     # ------------------------------------------------------------------ state
-    def set_state(self, state: SwarmState) -> None:
-        # SwarmState is immutable and θ_sync is replaced (never mutated) by the outer step,
-        # so the state server can serialize this reference from its own thread.
+    def set_state(self, state: SwarmState, *, background: bool = False) -> None:
+        """Make `state` this peer's state, digest it and announce it.
+
+        A SwarmState here holds the live θ_sync and momentum (updated in place under
+        state_lock); a new SwarmState object per state, so the state server can tell, chunk by
+        chunk under the lock, that what it streams is still the state it announced.
+        `background`: hash θ_sync in the digest thread (0.23 s at 100M parameters, one core),
+        while training goes on, and announce when done; `digest` waits for it if read before.
+        The next round reads it (its meeting key), so θ_sync never changes under the hash."""
+        _ = self.digest  # a digest still being computed belongs to the state being replaced
         self.state = state
-        self.digest = tensor_digest(state.theta_sync)
+        if background:
+            fut = self._digests.submit(tensor_digest, state.theta_sync)
+            self._digest_future = fut
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self._on_state(True))
+            return
+        self._digest = tensor_digest(state.theta_sync)
         self._on_state(True)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of this peer's θ_sync (waits for a digest being computed in the background)."""
+        fut = self._digest_future
+        if fut is not None:
+            self._digest = fut.result()
+            self._digest_future = None
+        return self._digest
 
     def adopt(self, state: SwarmState, source: str, carry: bool = False) -> None:
         """Continue from `state` (a download or a checkpoint).
@@ -314,18 +412,27 @@ class RoundLoop:
         """
         c = self.counters
         self.catch_up = (0, "")  # announced with the new state by set_state below
-        progress = None
+        back = None  # θ_sync_old − θ_local (the progress, negated), in the round buffer
+        damp = 1
         stale = state.round - self.round
         if carry and c.samples_since_sync > 0:
             if stale <= self.config.sync.max_stale_rounds:
                 damp = 1 + max(stale, 0)
-                progress = (flatten_params(self.params).cpu() - self.outer.theta_sync) / damp  # [P] fp32, on the host
+                back = self.outer.pseudo_gradient_(self.params, self.outer.round_buffer())  # [P] fp32, on the host
             else:
                 log.info("dropping %d samples of local progress: it is %d rounds older than the swarm's state "
                          "(--sync.max-stale-rounds %d)", c.samples_since_sync, stale, self.config.sync.max_stale_rounds)
-        self.outer.load_state_dict({"theta_sync": state.theta_sync, "momentum_buf": state.momentum_buf})
-        theta = self.outer.theta_sync if progress is None else self.outer.theta_sync + progress
-        write_flat_(self.params, theta.to(self.device))
+        _ = self.digest  # a digest still being computed must not see θ_sync change under it
+        with self.state_lock:
+            self.outer.load_state_dict({"theta_sync": state.theta_sync, "momentum_buf": state.momentum_buf})
+            self.state = SwarmState(state.round, self.fingerprint, self.outer.theta_sync, self.outer.momentum_buf,
+                                    self.counters.total_samples)
+        theta = self.outer.theta_sync
+        if back is None:
+            self._write_params(lambda s, e: theta[s:e])
+        else:  # θ_local ← θ_sync_new + progress / (1 + τ)
+            self._write_params(lambda s, e: theta[s:e] - back[s:e] / damp)
+        progress = back
         self.round = state.round
         if progress is None:
             c.samples_discarded += c.samples_since_sync
@@ -336,8 +443,7 @@ class RoundLoop:
             self._stale_cut = c.samples_since_sync - kept
         if self._averager is not None:
             self._averager.reset_compression()
-        self.set_state(SwarmState(state.round, self.fingerprint, self.outer.theta_sync, self.outer.momentum_buf,
-                                  c.total_samples))
+        self.set_state(self.state)  # made under the lock above
         log.info("continuing from round %d (%s)%s", self.round, source,
                  f", carrying {c.samples_since_sync} samples of local progress" if progress is not None else "")
 
@@ -415,7 +521,9 @@ class RoundLoop:
             round_, digest, supporters = states[0]
             donors = donors_for(peers, round_, digest)
             self._announce_catch_up(round_, digest)
+            t0 = time.monotonic()
             try:
+                # timeout bounds each wait of the stream, not the download (a large state takes long)
                 state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
                                        timeout=self.config.sync.join_timeout * 4, requester=self.peer_id)
             except StateError as e:
@@ -423,8 +531,12 @@ class RoundLoop:
                 log.warning("could not catch up with round %d announced by %d peer(s): %s", round_, len(supporters), e)
                 self._drop_unbacked(round_, digest)
                 continue
-            self.adopt(state, f"downloaded from peer {donors[0].peer_id[-8:]}" + (" at startup" if startup else ""),
+            self.last_download_s = time.monotonic() - t0
+            mb = 4 * state.theta_sync.numel() * (1 if state.momentum_buf is None else 2) / 1e6
+            self.adopt(state, f"downloaded {mb:.0f} MB in {self.last_download_s:.1f}s from "
+                              f"{min(len(donors), MAX_DONORS)} of {len(donors)} peer(s)" + (" at startup" if startup else ""),
                        carry=not startup)
+            del state  # its tensors were copied into θ_sync and the momentum
             self.schedule.after_next_step()  # the peers at this state are waiting for us in their next round
             return
 

@@ -36,27 +36,36 @@ class SwarmState:
     momentum_buf: torch.Tensor | None  # fp32 [P], CPU, or None
     samples: int = 0  # samples this peer has contributed (informational)
 
+    def _obj(self) -> dict:
+        return {
+            "format": FORMAT,
+            "round": self.round,
+            "fingerprint": self.fingerprint,
+            "theta_sync": self.theta_sync.detach().cpu(),
+            "momentum_buf": None if self.momentum_buf is None else self.momentum_buf.detach().cpu(),
+            "samples": self.samples,
+        }
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        torch.save(
-            {
-                "format": FORMAT,
-                "round": self.round,
-                "fingerprint": self.fingerprint,
-                "theta_sync": self.theta_sync.detach().cpu(),
-                "momentum_buf": None if self.momentum_buf is None else self.momentum_buf.detach().cpu(),
-                "samples": self.samples,
-            },
-            buf,
-        )
+        torch.save(self._obj(), buf)
         return buf.getvalue()
+
+    def write(self, f) -> None:
+        """torch.save straight into a file: the tensors are written from their storage, with no
+        serialized copy of the state in memory (8 B/param at 100M: 0.8 GB)."""
+        torch.save(self._obj(), f)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str, fingerprint: str | None, numel: int | None) -> "SwarmState":
         """fingerprint=None / numel=None accept any model (an archivist does not know the model)."""
         """Parse and validate. Raises StateError / ModelMismatchError with a one-line message."""
+        return cls._load(io.BytesIO(data), source=source, fingerprint=fingerprint, numel=numel)
+
+    @classmethod
+    def _load(cls, f, *, source: str, fingerprint: str | None, numel: int | None, mmap: bool = False) -> "SwarmState":
         try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            obj = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:  # torch raises many types for truncated/garbage input
             raise StateError(f"{source}: not a swarmtrain state ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from e
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -99,11 +108,10 @@ class CheckpointDir:
         """Write atomically. On any error the previous checkpoints are untouched."""
         self.path.mkdir(parents=True, exist_ok=True)
         final = self.path / f"ckpt-r{state.round:06d}.pt"
-        data = state.to_bytes()
         fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=self.path)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                state.write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)  # atomic on POSIX
@@ -128,11 +136,12 @@ class CheckpointDir:
     def load(path: str | Path, *, fingerprint: str | None, numel: int | None) -> SwarmState:
         """Load and validate a checkpoint file. The file is never modified."""
         p = Path(path)
-        try:
-            data = p.read_bytes()
+        try:  # memory-mapped: the file is not read into memory first (the caller copies what it keeps)
+            with open(p, "rb"):
+                pass
         except OSError as e:
             raise StateError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
-        return SwarmState.from_bytes(data, source=f"checkpoint {p}", fingerprint=fingerprint, numel=numel)
+        return SwarmState._load(str(p), source=f"checkpoint {p}", fingerprint=fingerprint, numel=numel, mmap=True)
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

@@ -41,3 +41,19 @@ class PeerStats:
     compute_s: float  # wall seconds since joining, minus sync_wait_s
     samples_per_s: float  # over the last ~30 s
     last_loss: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RoundCost:
+    """Where one completed round's wall time went (`Peer.round_costs`), for profiling.
+
+    matchmaking_s  meeting the group (waiting for the others included)
+    transfer_s     the all-reduce: encoding, the wire, reducing this peer's part
+    local_s        everything else this peer did: Δ into the round buffer, the outer step,
+                   writing the parameters, the digest, announcing (checkpoints not included)
+    """
+
+    round: int
+    matchmaking_s: float
+    transfer_s: float
+    local_s: float

@@ -1,15 +1,34 @@
-"""State download: a peer that is behind fetches θ_sync, momentum and the round from a peer ahead.
+"""State download: a peer that is behind streams θ_sync, momentum and the round from peers ahead.
 
 Transport: every peer already runs a TCPStore server (for matchmaking), announced in its
-membership record. A requester takes a request number with an atomic counter on the
-donor's store; the donor's server task serializes its latest snapshot (an immutable
-reference, so the trainer is never paused for it), writes it in 1 MiB chunks and a
-manifest (round, size, chunk count, sha256). The requester checks the sha256 and that the
-parameters' digest matches what the swarm announced for that round, then deletes the keys.
+membership record. The state is a virtual vector of fp32 chunks of CHUNK bytes: θ_sync's
+chunks, then the momentum's (each vector's last chunk may be short). A requester takes a
+request number k with an atomic counter on the donor's store and writes what it wants:
 
-Failure behaviour: every wait is bounded by `timeout`. A donor that dies, stalls or sends
-bytes that fail a check is skipped, and the next donor is tried. If none works,
-`download_state` raises StateError; the caller keeps its own state.
+    state/req/{k}            {"who": peer id or "observer", "part": [j, m]}   chunks i with i % m == j
+                             or {"who": ..., "chunks": [i, ...]}              these chunks
+    state/resp/{k}/meta      {"format", "round", "fingerprint", "samples", "numel", "momentum",
+                              "chunk", "chunks" (the total), "serving" (the indices, in order)}
+    state/resp/{k}/{i}       chunk i's raw bytes; b"" = the donor moved on to a newer state
+    state/resp/{k}/ack/{i}   the requester took chunk i (and deleted it)
+
+A stream, not a copy: the donor reads each chunk from its live θ_sync and momentum under the
+round loop's state lock (the outer step changes them in place), checking that the state is
+still the one its manifest announced, and posts at most WINDOW chunks ahead of the
+requester's acknowledgements. So serving costs the donor WINDOW MiB per download, never a
+serialized copy of the state, and the trainer is never paused for longer than one chunk's
+memcpy.
+
+Several donors at the same (round, digest) serve one requester at once, each a stripe
+(`part`); a stripe whose donor fails is asked from the others. The assembled θ_sync must
+hash to the digest the donors announced in the DHT; if it does not (a lying donor in the
+team), the requester falls back to one donor at a time, so a liar is identified by its own
+download.
+
+Failure behaviour: no deadline for the whole download, so a large state on a slow link is
+never cut off while it makes progress; `timeout` bounds each wait (connecting, the manifest,
+every chunk). A donor that dies, stalls or sends bytes that fail a check is skipped. If no
+donor works, `download_state` raises StateError; the caller keeps its own state.
 """
 from __future__ import annotations
 
@@ -17,11 +36,15 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import math
 import threading
 import time
+from contextlib import nullcontext
 from datetime import timedelta
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
+import numpy as np
+import torch
 from torch.distributed import Store, TCPStore
 
 from averaging.errors import StateError
@@ -29,35 +52,67 @@ from averaging.flat import tensor_digest
 
 from .loop import PeerLoop
 from .membership import PeerRecord
-from .state import SwarmState, digest
+from .state import SwarmState
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
+FORMAT = "swarmtrain-stream/1"
+CHUNK = 1 << 20  # bytes per chunk: 262,144 fp32 values
+# Chunks a donor posts ahead of the requester's acknowledgements: the donor's store holds at
+# most this many MiB per download in flight.
+WINDOW = 8
+MAX_DONORS = 4  # donors one requester streams from at once
+MAX_STREAMS = 2  # downloads a donor serves at once (more wait): its training keeps the CPU
 _KEEP_RESPONSES_S = 120.0
 # What a requester that will not join the rounds (an archivist) writes as its id: the donor
 # does not wait for it. A peer id is never this string.
 OBSERVER = "observer"
 
 
-class StateServer:
-    """Serves this peer's latest SwarmState on its store: a task on the peer's event loop.
+def _layout(numel: int, momentum: bool) -> tuple[int, int]:
+    """(θ chunks, total chunks) of a state of `numel` parameters."""
+    per = max(1, math.ceil(4 * numel / CHUNK))
+    return per, per * (2 if momentum else 1)
 
-    Owned by the Peer: `start(loop)`, `close()`. Serializing a state and writing its chunks
-    are blocking calls; they run in the loop's executor, so announcing and matchmaking go on
-    meanwhile. Failure behaviour: a request that fails is logged and skipped; the task goes on.
+
+def _selection(req: dict, total: int) -> list[int]:
+    """The chunk indices a request asks for (ValueError if malformed)."""
+    if "chunks" in req:
+        idx = req["chunks"]
+        if not (isinstance(idx, list) and all(isinstance(i, int) and 0 <= i < total for i in idx)):
+            raise ValueError("bad chunk list")
+        return sorted(set(idx))
+    j, m = req.get("part", [0, 1])
+    if not (isinstance(j, int) and isinstance(m, int) and 0 <= j < m <= 64):
+        raise ValueError("bad part")
+    return list(range(j, total, m))
+
+
+class StateServer:
+    """Streams this peer's current SwarmState from its store: a task on the peer's event loop.
+
+    Owned by the Peer (or the archivist): `start(loop)`, `close()`. `snapshot()` returns the
+    current state; `lock` is held while that state's tensors change in place (None: they
+    never do, e.g. the archivist's downloaded copy). Streaming runs in the loop's executor,
+    at most MAX_STREAMS at once. Failure behaviour: a request that fails (the requester
+    vanished, the state moved on) is logged and its keys removed; the task goes on.
     """
 
-    def __init__(self, store: Store, snapshot: Callable[[], SwarmState]) -> None:
+    def __init__(self, store: Store, snapshot: Callable[[], SwarmState | None], lock: ContextManager | None = None,
+                 *, stall_timeout: float = 60.0, throttle_s: float = 0.0) -> None:
         self._store = store
         self._snapshot = snapshot
+        self._lock = lock if lock is not None else nullcontext()
+        self.stall_timeout = stall_timeout
+        self.throttle_s = throttle_s  # seconds added per chunk: the slow-donor seam of the tests
         self._task: concurrent.futures.Future | None = None
-        self._cache: tuple[int, bytes] | None = None
-        self._served: list[tuple[float, int, int]] = []  # (time, request, chunks) for cleanup
+        self._streams: set[asyncio.Future] = set()
+        self._closed = threading.Event()
+        self._served: list[tuple[float, int]] = []  # (time, request) for cleanup
         self.requests_served = 0
         self.serve_seconds = 0.0
-        # Responses posted but not yet taken: the requester deletes a response's keys once it
-        # has fetched them all, so a manifest still in the store is a download in progress.
+        # Responses posted but not yet taken: the requester deletes a response's manifest once
+        # it has every chunk, so a manifest still in the store is a download in progress.
         # request -> (when asked, requester's peer id, whether its manifest is posted yet)
         self._fetching: dict[int, tuple[float, str, bool]] = {}
         self._fetch_lock = threading.Lock()
@@ -66,63 +121,112 @@ class StateServer:
         self._task = loop.spawn(self.run(), "state server")
 
     def close(self) -> None:
-        """Stop serving. The store is released by the owner once its loop has stopped: torch's
-        TCPStore has no close(), and its listening socket goes only with the last reference to it."""
+        """Stop serving (streams in progress stop at their next chunk). The store is released
+        by the owner once its loop has stopped: torch's TCPStore has no close(), and its
+        listening socket goes only with the last reference to it."""
+        self._closed.set()
         if self._task is not None:
             self._task.cancel()
             self._task = None
 
     async def run(self) -> None:
-        """Answer request 1, 2, ... in order, until cancelled."""
+        """Answer request 1, 2, ... in order (each streamed in the executor), until cancelled."""
         k = 1
         loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(0.2)
-            # check() is non-blocking; a blocking wait() with a timeout logs a c10d warning each time.
-            if not self._store.check([f"state/req/{k}"]):
-                self._cleanup()
-                continue
-            try:
-                await loop.run_in_executor(None, self._serve, k)
-            except RuntimeError as e:
-                log.warning("state request %d failed: %s", k, e)
-            k += 1
+        try:
+            while True:
+                await asyncio.sleep(0.05 if self._streams else 0.2)
+                self._streams = {f for f in self._streams if not f.done()}
+                # check() is non-blocking; a blocking wait() with a timeout logs a c10d warning each time.
+                if len(self._streams) >= MAX_STREAMS or not self._store.check([f"state/req/{k}"]):
+                    self._cleanup()
+                    continue
+                self._streams.add(loop.run_in_executor(None, self._serve_logged, k))
+                k += 1
+        finally:
+            self._closed.set()
+
+    def _serve_logged(self, k: int) -> None:
+        try:
+            self._serve(k)
+        except (RuntimeError, ValueError) as e:  # the store (a requester gone), a malformed request
+            log.warning("state request %d failed: %s", k, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._drop(k)
 
     def _serve(self, k: int) -> None:
         t0 = time.monotonic()
-        requester = self._store.get(f"state/req/{k}").decode(errors="replace")[:64]
-        joiner = requester not in ("", OBSERVER, "1")  # "1": what requesters before 2026-12 wrote
+        raw = self._store.get(f"state/req/{k}").decode(errors="replace")[:1 << 16]
+        try:
+            req = json.loads(raw)
+        except ValueError:
+            req = None
+        if not isinstance(req, dict):
+            raise ValueError(f"malformed request {raw[:60]!r}")
+        requester = str(req.get("who", ""))[:64]
+        joiner = requester not in ("", OBSERVER)
         if joiner:  # only a joiner is waited for (an archivist's copy must not slow every round)
             # Recorded before the manifest is posted: a requester can fetch everything and
             # delete the keys before this thread runs another line.
             with self._fetch_lock:
                 self._fetching[k] = (time.monotonic(), requester, False)
-        try:
-            state = self._snapshot()
-            if self._cache is None or self._cache[0] != state.round:
-                self._cache = (state.round, state.to_bytes())
-            data = self._cache[1]
-            chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
-            for i, c in enumerate(chunks):
-                self._store.set(f"state/resp/{k}/{i}", c)
-            manifest = {"round": state.round, "size": len(data), "chunks": len(chunks), "sha256": digest(data)}
-            with self._fetch_lock:  # posted: from now on, the manifest's presence says "still downloading"
-                if joiner:
-                    self._fetching[k] = (self._fetching[k][0], requester, True)
-                self._store.set(f"state/resp/{k}/meta", json.dumps(manifest))
-        except BaseException:
-            with self._fetch_lock:
-                self._fetching.pop(k, None)
-            raise
-        self._served.append((time.monotonic(), k, len(chunks)))
+        state = self._snapshot()
+        if state is None:
+            raise ValueError("nothing to serve yet")
+        theta, mom = state.theta_sync.reshape(-1), state.momentum_buf
+        numel = theta.numel()
+        per, total = _layout(numel, mom is not None)
+        serving = _selection(req, total)
+        manifest = {"format": FORMAT, "round": state.round, "fingerprint": state.fingerprint,
+                    "samples": state.samples, "numel": numel, "momentum": mom is not None, "chunk": CHUNK,
+                    "chunks": total, "serving": serving}
+        with self._fetch_lock:  # posted: from now on, the manifest's presence says "still downloading"
+            if joiner:
+                self._fetching[k] = (self._fetching[k][0], requester, True)
+            self._store.set(f"state/resp/{k}/meta", json.dumps(manifest))
+        vals = CHUNK // 4
+        sent = 0
+        for q, i in enumerate(serving):
+            if q >= WINDOW:  # flow control: the requester has taken chunk q − WINDOW
+                ack = f"state/resp/{k}/ack/{serving[q - WINDOW]}"
+                self._wait(ack)
+                self._store.delete_key(ack)
+            if self._closed.is_set():
+                raise RuntimeError("server closed")
+            if self.throttle_s:
+                time.sleep(self.throttle_s)
+            vec, c = (theta, i) if i < per else (mom, i - per)
+            with self._lock:
+                if self._snapshot() is not state:  # the state moved on (a round applied): tell the requester
+                    self._store.set(f"state/resp/{k}/{i}", b"")
+                    log.info("state request %d: round %d is no longer this peer's state; stream stopped", k, state.round)
+                    self._served.append((time.monotonic(), k))
+                    return
+                data = vec[c * vals : (c + 1) * vals].numpy().tobytes()  # one chunk, copied under the lock
+            self._store.set(f"state/resp/{k}/{i}", data)
+            sent += len(data)
+        self._served.append((time.monotonic(), k))
         self.requests_served += 1
         self.serve_seconds += time.monotonic() - t0
-        log.info("served state of round %d (%.1f MB) in %.2fs", state.round, len(data) / 1e6, time.monotonic() - t0)
+        log.info("served state of round %d (%.1f MB, %d of %d chunks) in %.2fs", state.round, sent / 1e6,
+                 len(serving), total, time.monotonic() - t0)
+
+    def _wait(self, key: str) -> None:
+        """Wait for `key`, in short steps so that close() stops the stream within a second."""
+        deadline = time.monotonic() + self.stall_timeout
+        pause = 0.001
+        while not self._store.check([key]):
+            if self._closed.is_set():
+                raise RuntimeError("server closed")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the requester took nothing for {self.stall_timeout:.0f}s")
+            time.sleep(pause)
+            pause = min(2 * pause, 0.02)
 
     def downloads(self, max_age: float = 120.0) -> tuple[int, set[str]]:
         """(joiners' downloads of a state this server posted still in progress, peer ids of the
-        joiners that finished within `max_age` seconds; observers are not counted). The requester deletes a response's keys once it
-        has fetched it all, so a manifest still in the store is a download in progress."""
+        joiners that finished within `max_age` seconds; observers are not counted). The
+        requester deletes a response's manifest once it has every chunk, so a manifest still
+        in the store is a download in progress."""
         now = time.monotonic()
         busy, done = 0, set()
         with self._fetch_lock:
@@ -142,67 +246,192 @@ class StateServer:
                 if who == requester:
                     del self._fetching[k]
 
+    def _drop(self, k: int) -> None:
+        """Remove what a failed stream left in the store."""
+        with self._fetch_lock:
+            self._fetching.pop(k, None)
+        self._served.append((time.monotonic() - _KEEP_RESPONSES_S, k))
+        self._cleanup()
+
     def _cleanup(self) -> None:
         """Free responses older than _KEEP_RESPONSES_S (their requester took them or died)."""
         now = time.monotonic()
-        while self._served and now - self._served[0][0] > _KEEP_RESPONSES_S:
-            _, k, n = self._served.pop(0)
-            for key in [f"state/req/{k}", f"state/resp/{k}/meta", *(f"state/resp/{k}/{i}" for i in range(n))]:
+        while self._served and now - self._served[0][0] >= _KEEP_RESPONSES_S:
+            _, k = self._served.pop(0)
+            keys = [f"state/req/{k}", f"state/resp/{k}/meta"]
+            try:
+                meta = json.loads(self._store.get(keys[1])) if self._store.check([keys[1]]) else {}
+                serving = meta.get("serving", []) if isinstance(meta, dict) else []
+            except (RuntimeError, ValueError):
+                serving = []
+            keys += [f"state/resp/{k}/{i}" for i in serving] + [f"state/resp/{k}/ack/{i}" for i in serving]
+            for key in keys:
                 self._store.delete_key(key)
 
 
-def fetch_state(donor: PeerRecord, *, fingerprint: str, numel: int | None, timeout: float,
-                connect_timeout: float = 5.0, requester: str = "") -> SwarmState:
-    """Download and verify one donor's state. Raises StateError on any failure.
+class _Assembly:
+    """The state being put together from one or more donors' streams (thread-safe)."""
 
-    A donor that is gone (its record has not expired yet) fails within `connect_timeout`.
-    """
+    def __init__(self, *, round_: int, fingerprint: str | None, numel: int | None) -> None:
+        self.round, self.fingerprint, self.numel = round_, fingerprint, numel
+        self.meta: dict | None = None
+        self.theta: torch.Tensor | None = None
+        self.mom: torch.Tensor | None = None
+        self.done: set[int] = set()
+        self.lock = threading.Lock()
+
+    def accept(self, meta: object, name: str, expected: list[int] | None) -> dict:
+        """Check a donor's manifest (and that it matches the others'); allocate on the first."""
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise StateError(f"{name} does not stream this format (manifest {str(meta)[:80]})")
+        try:
+            rnd, numel, mom = meta["round"], meta["numel"], meta["momentum"]
+            ok = (isinstance(rnd, int) and rnd == self.round and isinstance(numel, int) and 0 < numel <= 1 << 36
+                  and (self.numel is None or numel == self.numel) and isinstance(mom, bool)
+                  and meta["chunk"] == CHUNK and meta["chunks"] == _layout(numel, mom)[1]
+                  and isinstance(meta["fingerprint"], str)
+                  and (self.fingerprint is None or meta["fingerprint"] == self.fingerprint)
+                  and isinstance(meta["samples"], int) and not isinstance(meta["samples"], bool) and meta["samples"] >= 0
+                  and isinstance(meta["serving"], list)
+                  and (expected is None or meta["serving"] == expected))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise StateError(f"{name} sent an implausible manifest: {json.dumps(meta)[:200]}")
+        with self.lock:
+            if self.meta is None:
+                self.meta = meta
+                self.theta = torch.empty(numel, dtype=torch.float32)
+                self.mom = torch.empty(numel, dtype=torch.float32) if mom else None
+            elif any(meta[f] != self.meta[f] for f in ("numel", "momentum", "fingerprint", "chunks")):
+                raise StateError(f"{name}'s manifest does not match the other donors'")
+        return meta
+
+    def write(self, i: int, data: bytes, name: str) -> None:
+        assert self.meta is not None and self.theta is not None
+        per = _layout(self.meta["numel"], self.meta["momentum"])[0]
+        vec, c = (self.theta, i) if i < per else (self.mom, i - per)
+        assert vec is not None
+        vals = CHUNK // 4
+        dest = vec[c * vals : (c + 1) * vals]
+        if len(data) != 4 * dest.numel():
+            raise StateError(f"{name} sent chunk {i} of {len(data)} bytes (expected {4 * dest.numel()})")
+        dest.numpy()[:] = np.frombuffer(data, dtype=np.float32)
+        with self.lock:
+            self.done.add(i)
+
+    def missing(self) -> list[int]:
+        if self.meta is None:
+            return []
+        return [i for i in range(self.meta["chunks"]) if i not in self.done]
+
+
+def _stream(donor: PeerRecord, dl: _Assembly, req: dict, *, timeout: float, connect_timeout: float,
+            expected: list[int] | None = None) -> None:
+    """Stream the chunks `req` asks for from one donor into `dl`. Raises StateError."""
     name = f"peer {donor.peer_id[-8:]} ({donor.host}:{donor.port})"
     try:
         store = TCPStore(donor.host, donor.port, is_master=False, timeout=timedelta(seconds=min(connect_timeout, timeout)))
         store.set_timeout(timedelta(seconds=timeout))
         k = store.add("state/req", 1)
-        store.set(f"state/req/{k}", requester or OBSERVER)  # who asks: the donor waits for a joiner in its next round
+        store.set(f"state/req/{k}", json.dumps(req))
         store.wait([f"state/resp/{k}/meta"], timedelta(seconds=timeout))
-        meta = json.loads(store.get(f"state/resp/{k}/meta"))
-        n, size = int(meta["chunks"]), int(meta["size"])
-        # Bounded: θ and momentum in fp32 plus a little framing; nothing larger is ever read.
-        limit = (1 << 40) if numel is None else 8 * numel + (1 << 20)
-        if not (0 < n <= 1 + size // CHUNK and size <= limit):
-            raise StateError(f"{name} sent an implausible manifest: {meta}")
-        data = b"".join(store.get(f"state/resp/{k}/{i}") for i in range(n))
-        for key in [f"state/req/{k}", f"state/resp/{k}/meta", *(f"state/resp/{k}/{i}" for i in range(n))]:
+        meta = dl.accept(json.loads(store.get(f"state/resp/{k}/meta")), name, expected)
+        for i in meta["serving"]:
+            if not (isinstance(i, int) and 0 <= i < meta["chunks"]):
+                raise StateError(f"{name} announced chunk {i!r} of {meta['chunks']}")
+            data = store.get(f"state/resp/{k}/{i}")  # waits up to `timeout` for this one chunk
+            if not data:
+                raise StateError(f"{name} moved on to a newer state during the download")
+            dl.write(i, data, name)
+            store.delete_key(f"state/resp/{k}/{i}")
+            store.set(f"state/resp/{k}/ack/{i}", b"")
+        for key in (f"state/resp/{k}/meta", f"state/req/{k}"):
             store.delete_key(key)
-    except (RuntimeError, ValueError, KeyError, TypeError, OverflowError) as e:  # OverflowError: int(inf) in a manifest
+    except StateError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, OverflowError) as e:  # store errors, bad JSON
         raise StateError(f"download from {name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    if len(data) != size or digest(data) != meta.get("sha256"):
-        raise StateError(f"download from {name} is corrupt (size or sha256 mismatch)")
-    return SwarmState.from_bytes(data, source=f"state from {name}", fingerprint=fingerprint, numel=numel)
+
+
+def fetch_state(donors: PeerRecord | Sequence[PeerRecord], *, fingerprint: str | None, numel: int | None,
+                timeout: float, connect_timeout: float = 5.0, requester: str = "") -> SwarmState:
+    """Stream one state from `donors` (all at the same round and digest), a stripe each; a
+    stripe whose donor fails is asked from the others. Raises StateError (naming a donor) if
+    the state cannot be completed; the digest is the caller's to check."""
+    team = [donors] if isinstance(donors, PeerRecord) else list(donors)[:MAX_DONORS]
+    if not team:
+        raise StateError("no peer to download the state from")
+    dl = _Assembly(round_=team[0].round, fingerprint=fingerprint, numel=numel)
+    who = requester or OBSERVER
+    failed: dict[int, StateError] = {}
+
+    def stripe(j: int) -> None:
+        try:
+            _stream(team[j], dl, {"who": who, "part": [j, len(team)]}, timeout=timeout, connect_timeout=connect_timeout)
+        except StateError as e:
+            failed[j] = e
+
+    threads = [threading.Thread(target=stripe, args=(j,), name=f"swarmtrain-download-{j}") for j in range(len(team))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()  # bounded: every wait in a stream is bounded by timeout
+    errors = list(failed.values())
+    helpers = [d for j, d in enumerate(team) if j not in failed]
+    if errors and helpers and dl.missing():
+        log.warning("%s; asking the other donors for its chunks", errors[0])
+    while dl.meta is not None and dl.missing() and helpers:
+        want = dl.missing()
+        try:
+            _stream(helpers.pop(0), dl, {"who": who, "chunks": want}, timeout=timeout, connect_timeout=connect_timeout,
+                    expected=want)
+        except StateError as e:
+            errors.append(e)
+    if dl.meta is None or dl.missing():
+        raise errors[0] if errors else StateError("the donors sent no state")
+    assert dl.theta is not None
+    meta = dl.meta
+    if not bool(torch.isfinite(dl.theta).all()) or (dl.mom is not None and not bool(torch.isfinite(dl.mom).all())):
+        raise StateError(f"state of round {meta['round']} from {', '.join(d.peer_id[-8:] for d in team)} contains NaN or Inf")
+    return SwarmState(meta["round"], meta["fingerprint"], dl.theta, dl.mom, meta["samples"])
 
 
 def download_state(
-    donors: Sequence[PeerRecord], *, fingerprint: str, numel: int | None, timeout: float = 30.0, requester: str = ""
+    donors: Sequence[PeerRecord], *, fingerprint: str | None, numel: int | None, timeout: float = 30.0,
+    requester: str = "",
 ) -> SwarmState:
-    """Fetch the newest state from the first donor that delivers a verified copy.
+    """Fetch the newest announced state from the donors that announce it, verified.
 
     A state is accepted only if its θ_sync digest equals the digest that its donors
-    announced for that round in the DHT.
+    announced for that round in the DHT. The donors of one (round, digest) stream it
+    together; if that fails or does not verify, each is tried alone, newest states first.
+    `timeout` bounds each wait, not the download.
     """
     if not donors:
         raise StateError("no peer to download the state from")
-    announced: dict[int, set[str]] = {}
-    for d in donors:
-        announced.setdefault(d.round, set()).add(d.digest)
-    errors = []
-    for donor in sorted(donors, key=lambda d: -d.round):
-        try:
-            state = fetch_state(donor, fingerprint=fingerprint, numel=numel, timeout=timeout, requester=requester)
-        except StateError as e:
-            errors.append(str(e))
-            log.warning("%s; trying another peer", e)
-            continue
-        if tensor_digest(state.theta_sync) not in announced.get(state.round, set()):
-            errors.append(f"state of round {state.round} from {donor.peer_id[-8:]} does not match any announced digest")
-            continue
-        return state
+    teams: dict[tuple[int, str], list[PeerRecord]] = {}
+    for d in sorted(donors, key=lambda d: -d.round):
+        teams.setdefault((d.round, d.digest), []).append(d)
+    errors: list[str] = []
+
+    def verified(state: SwarmState, whom: str) -> SwarmState | None:
+        if tensor_digest(state.theta_sync) in {dg for (r, dg) in teams if r == state.round}:
+            return state
+        errors.append(f"state of round {state.round} from {whom} does not match any announced digest")
+        log.warning("%s", errors[-1])
+        return None
+
+    for (_round, _digest), team in teams.items():
+        attempts = ([team] if len(team) > 1 else []) + [[d] for d in team]
+        for group in attempts:
+            whom = ", ".join(d.peer_id[-8:] for d in group)
+            try:
+                state = fetch_state(group, fingerprint=fingerprint, numel=numel, timeout=timeout, requester=requester)
+            except StateError as e:
+                errors.append(str(e))
+                log.warning("%s; trying another peer", e)
+                continue
+            if (good := verified(state, whom)) is not None:
+                return good
     raise StateError(f"could not download the swarm state from {len(donors)} peer(s): {errors[-1]}")

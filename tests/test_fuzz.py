@@ -57,7 +57,7 @@ from peer.configlib import ConfigError
 from peer.data import parse_shard
 from peer.membership import PeerRecord
 from peer.state import FORMAT as STATE_FORMAT
-from peer.state import SwarmState, digest
+from peer.state import SwarmState
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -804,28 +804,31 @@ def test_state_from_bytes(data, fingerprint, numel):
 
 DONOR = PeerRecord(peer_id="QmDonorDonorDonor", round=7, fingerprint="fp-1", schema="s", digest="d",
                    host="127.0.0.1", port=29999)
-MANIFEST_KEYS = st.sampled_from(["round", "size", "chunks", "sha256"])
+MANIFEST_KEYS = st.sampled_from(["format", "round", "fingerprint", "samples", "numel", "momentum", "chunk", "chunks",
+                                 "serving"])
+_VEC = st.sampled_from([_THETA, _THETA * 0.5, torch.full((16,), math.nan), torch.zeros(15)])
 
 
 @st.composite
 def state_responses(draw: st.DrawFn) -> dict[str, bytes]:
-    """What a donor's store holds for request 1: a manifest and chunks, honest-looking or not."""
-    payload = draw(STATE_BYTES)
-    chunks = [payload[i : i + 64] for i in range(0, len(payload), 64)]
-    size, n = len(payload), len(chunks)
-    meta: object = {"round": 7, "size": size, "chunks": n, "sha256": digest(payload)}
+    """What a donor's store holds for request 1 (chunks of 64 bytes): a manifest and chunks,
+    honest-looking or not."""
+    vecs = [draw(_VEC)] + ([draw(_VEC)] if draw(st.booleans()) else [])
+    chunks = [v.numpy().tobytes() for v in vecs]
+    meta: object = {"format": transfer.FORMAT, "round": 7, "fingerprint": "fp-1", "samples": 3, "numel": 16,
+                    "momentum": len(vecs) == 2, "chunk": 64, "chunks": len(chunks), "serving": list(range(len(chunks)))}
     how = draw(st.sampled_from(["honest", "honest", "field", "random-json", "garbage"]))
     if how == "field":  # fixed: (test_regression_manifest_infinity): no ±inf in the manifest
         meta[draw(MANIFEST_KEYS | KEY_TEXT)] = draw(JSON_NO_INF)  # type: ignore[index]
     elif how == "random-json":
         meta = draw(JSON_NO_INF)
     out = {f"state/resp/1/{i}": c for i, c in enumerate(chunks)}
-    for _ in range(draw(st.integers(0, 2))):  # lose or replace a chunk
-        k = f"state/resp/1/{draw(st.integers(0, max(n, 1)))}"
+    for _ in range(draw(st.integers(0, 2))):  # lose, empty ("moved on") or replace a chunk
+        k = f"state/resp/1/{draw(st.integers(0, len(chunks)))}"
         if draw(st.booleans()):
             out.pop(k, None)
         else:
-            out[k] = draw(st.binary(max_size=80))
+            out[k] = draw(st.sampled_from([b"", b"x" * 64]) | st.binary(max_size=80))
     if how != "garbage":
         out["state/resp/1/meta"] = json.dumps(meta).encode()
     elif draw(st.booleans()):
@@ -837,7 +840,7 @@ def state_responses(draw: st.DrawFn) -> dict[str, bytes]:
 @given(resp=state_responses(), fingerprint=st.sampled_from(["fp-1", None]), numel=st.sampled_from([16, None]))
 def test_fetch_state(resp, fingerprint, numel):
     """transfer.fetch_state(donor) against a donor store holding arbitrary manifests and chunks:
-    a validated SwarmState, or StateError."""
+    a validated SwarmState (finite fp32 θ of the expected size, matching fingerprint), or StateError."""
     store = FakeStore(resp)
     with connects_to(transfer, store), mock.patch.object(transfer, "CHUNK", 64):
         try:
@@ -847,7 +850,10 @@ def test_fetch_state(resp, fingerprint, numel):
             event(type(e).__name__)
             return
     event("SwarmState")
-    assert isinstance(s, SwarmState)
+    assert isinstance(s, SwarmState) and s.round == DONOR.round and s.samples >= 0
+    assert s.theta_sync.dtype == torch.float32 and s.theta_sync.numel() == 16 and bool(torch.isfinite(s.theta_sync).all())
+    assert fingerprint is None or s.fingerprint == fingerprint
+    assert s.momentum_buf is None or (s.momentum_buf.shape == s.theta_sync.shape and bool(torch.isfinite(s.momentum_buf).all()))
 
 
 # ============================================================================ NAT relay

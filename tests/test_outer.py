@@ -190,11 +190,35 @@ def test_optimizer_state_dict_round_trip_continues_identically():
     assert torch.equal(b.theta_sync, a.theta_sync) and torch.equal(b.momentum_buf, a.momentum_buf)
     src_theta = state["theta_sync"].clone()
     for d in ds[2:]:
-        a.apply(d)
-        b.apply(d)
+        a.apply(d.clone())  # apply uses Δ̄ as scratch
+        b.apply(d.clone())
     assert torch.equal(a.theta_sync, b.theta_sync) and torch.equal(a.momentum_buf, b.momentum_buf)
-    # the snapshot taken before further steps is unchanged by them (apply replaces, never mutates)
-    assert torch.equal(state["theta_sync"], src_theta)
+    # b copied the state into its own buffers: a's steps moved a's, not b's starting point
+    assert not torch.equal(state["theta_sync"], src_theta) and state["theta_sync"] is a.theta_sync
+
+
+def test_in_place_step_is_bit_identical_to_the_pure_reference(monkeypatch):
+    # chunked (a tiny CHUNK, so every piece boundary is crossed), in place, over many steps
+    import averaging.outer as outer_mod
+
+    monkeypatch.setattr(outer_mod, "CHUNK", 7)
+    monkeypatch.setattr(outer_mod, "STEP_CHUNK", 5)
+    g = torch.Generator().manual_seed(4)
+    for cfg in (OuterConfig(), OuterConfig(momentum=0.0, lr=1.0), OuterConfig(nesterov=False, lr=0.3)):
+        theta0 = torch.randn(50, generator=g)
+        opt = OuterOptimizer(theta0, cfg)
+        ref_theta, ref_buf = theta0.clone(), None
+        theta_ptr = opt.theta_sync.data_ptr()
+        for _ in range(6):
+            local = torch.randn(50, generator=g)
+            delta = opt.pseudo_gradient_([local[:13], local[13:]], opt.round_buffer())
+            ref_delta = ref_theta - local
+            assert torch.equal(delta, ref_delta)
+            opt.apply(delta)
+            ref_theta, ref_buf = outer_step(ref_theta, ref_delta, ref_buf, cfg)
+            assert torch.equal(opt.theta_sync, ref_theta), cfg
+            assert (opt.momentum_buf is None) == (ref_buf is None) and (ref_buf is None or torch.equal(opt.momentum_buf, ref_buf))
+        assert opt.theta_sync.data_ptr() == theta_ptr  # never reallocated: memory stays put
 
 
 def test_optimizer_load_state_copies_tensors():

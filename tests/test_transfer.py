@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
+import time
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from averaging.flat import tensor_digest
 from peer.loop import PeerLoop
 from peer.membership import PeerRecord
 from peer.state import SwarmState
+from peer import transfer
 from peer.transfer import StateServer, download_state
 
 
@@ -29,12 +32,23 @@ def record(peer_id: str, store: TCPStore, state: SwarmState) -> PeerRecord:
                       digest=tensor_digest(state.theta_sync), host="127.0.0.1", port=store.port)
 
 
-def dying_donor(store: TCPStore, stop: threading.Event) -> None:
-    """Answers the first request with a manifest and one chunk of three, then goes silent (as if killed)."""
+def dying_donor(store: TCPStore, state: SwarmState, stop: threading.Event) -> None:
+    """Answers the first request with an honest manifest and its first chunk, then goes silent
+    (as if killed mid-stream)."""
     while not stop.is_set() and not store.check(["state/req/1"]):
         stop.wait(0.05)
-    store.set("state/resp/1/0", b"x" * 10)
-    store.set("state/resp/1/meta", json.dumps({"round": 5, "size": 3 << 20, "chunks": 3, "sha256": "0" * 64}))
+    if stop.is_set():
+        return
+    req = json.loads(store.get("state/req/1"))
+    total = 2 * math.ceil(4 * state.theta_sync.numel() / transfer.CHUNK)
+    j, m = req["part"]
+    serving = list(range(j, total, m))
+    store.set("state/resp/1/meta", json.dumps({
+        "format": transfer.FORMAT, "round": state.round, "fingerprint": state.fingerprint, "samples": 0,
+        "numel": state.theta_sync.numel(), "momentum": True, "chunk": transfer.CHUNK, "chunks": total,
+        "serving": serving}))
+    vals = transfer.CHUNK // 4
+    store.set(f"state/resp/1/{serving[0]}", state.theta_sync[serving[0] * vals : (serving[0] + 1) * vals].numpy().tobytes())
 
 
 @pytest.mark.timeout(60)
@@ -43,17 +57,18 @@ def test_donor_dying_mid_download_falls_back_to_next_donor(loop):
     a = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     b = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     stop = threading.Event()
-    t = threading.Thread(target=dying_donor, args=(a, stop))
+    t = threading.Thread(target=dying_donor, args=(a, state, stop))
     t.start()
     good = StateServer(b, lambda: state)
     good.start(loop)
     try:
-        # The dying donor is newest-first in the list (same round; listed first).
+        # Both announce the state: they stream a stripe each; the dying one stops after one
+        # chunk, and the good one is asked for the rest.
         got = download_state([record("dying", a, state), record("good", b, state)], fingerprint="fp",
                              numel=1_000_000, timeout=3)
         assert got.round == 5 and torch.equal(got.theta_sync, state.theta_sync)
         assert torch.equal(got.momentum_buf, state.momentum_buf)
-        assert good.requests_served == 1
+        assert good.requests_served == 2  # its own stripe, then the dying donor's remaining chunks
     finally:
         stop.set()
         t.join()
@@ -93,4 +108,74 @@ def test_donor_waits_for_a_joiner_but_not_for_an_archivist(loop):
         assert server.downloads() == (0, set())
         assert server.requests_served == 2
     finally:
+        server.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_donor_is_not_cut_off_while_it_makes_progress(loop):
+    # 32 chunks at 0.15 s each: about 5 s in all, more than twice the 2 s `timeout`, which
+    # bounds each wait (one chunk), not the download. Before, a fixed total limit cut it off.
+    state = SwarmState(4, "fp", torch.randn(4 << 20), torch.randn(4 << 20))
+    s = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    server = StateServer(s, lambda: state, throttle_s=0.15)
+    server.start(loop)
+    try:
+        t0 = time.monotonic()
+        got = download_state([record("slow", s, state)], fingerprint="fp", numel=4 << 20, timeout=2)
+        assert time.monotonic() - t0 > 4
+        assert torch.equal(got.theta_sync, state.theta_sync) and torch.equal(got.momentum_buf, state.momentum_buf)
+    finally:
+        server.close()
+
+
+@pytest.mark.timeout(60)
+def test_several_donors_serve_one_joiner_and_a_liar_among_them_is_outvoted(loop):
+    state = SwarmState(6, "fp", torch.randn(3 << 20), torch.randn(3 << 20), samples=77)
+    forged = SwarmState(6, "fp", state.theta_sync + 1, state.momentum_buf)  # claims the same round and digest
+    stores = [TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False) for _ in range(3)]
+    servers = [StateServer(st, lambda: state) for st in stores]
+    for sv in servers:
+        sv.start(loop)
+    try:
+        got = download_state([record(f"d{i}", st, state) for i, st in enumerate(stores)], fingerprint="fp",
+                             numel=3 << 20, timeout=5)
+        assert torch.equal(got.theta_sync, state.theta_sync) and got.samples == 77
+        assert [sv.requests_served for sv in servers] == [1, 1, 1]  # a stripe each
+        # Now one of the three serves forged chunks under the honest digest: the striped copy does
+        # not verify, so each donor is tried alone, and an honest one delivers.
+        servers[0].close()
+        liar = StateServer(stores[0], lambda: forged)
+        liar.start(loop)
+        got = download_state([record(f"d{i}", st, state) for i, st in enumerate(stores)], fingerprint="fp",
+                             numel=3 << 20, timeout=5)
+        assert torch.equal(got.theta_sync, state.theta_sync)
+        liar.close()
+    finally:
+        for sv in servers:
+            sv.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_stops_when_the_donor_moves_on(loop):
+    # The donor's state changes mid-stream (a round applied in place): the requester is told,
+    # rather than given chunks of two different states.
+    lock = threading.Lock()
+    current = {"s": SwarmState(2, "fp", torch.randn(4 << 20), None)}
+    s = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    server = StateServer(s, lambda: current["s"], lock, throttle_s=0.1)
+    server.start(loop)
+    old = current["s"]
+
+    def move_on() -> None:
+        time.sleep(0.8)
+        with lock:
+            current["s"] = SwarmState(3, "fp", old.theta_sync.add_(1), None)
+
+    mover = threading.Thread(target=move_on)
+    mover.start()
+    try:
+        with pytest.raises(StateError, match="moved on to a newer state"):
+            transfer.fetch_state(record("mover", s, old), fingerprint="fp", numel=4 << 20, timeout=3)
+    finally:
+        mover.join()
         server.close()

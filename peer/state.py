@@ -2,8 +2,9 @@
 
 A `SwarmState` is everything a newcomer needs to continue where the swarm is:
 θ_sync (the agreed parameters), the outer momentum buffer, and the round counter. It is
-serialized with torch.save (weights_only-safe types only) and identified by a sha256 of
-its bytes, so a download or a checkpoint can be checked before it is used.
+saved with torch.save (weights_only-safe types only), written straight into the file (no
+serialized copy in memory) and loaded memory-mapped. Peers stream it to each other chunk by
+chunk (transfer.py); a download is checked against the θ_sync digest announced in the DHT.
 
 Checkpoints are written atomically: to a temporary file in the same directory, fsynced,
 then renamed over the final name. A crash mid-write leaves the previous checkpoint intact.
@@ -28,7 +29,9 @@ _CKPT_RE = re.compile(r"^ckpt-r(\d{6,})\.pt$")
 
 @dataclass(frozen=True)
 class SwarmState:
-    """An immutable snapshot of the agreed state at the end of round `round` (rounds completed)."""
+    """The agreed state at the end of round `round` (rounds completed). The dataclass is frozen,
+    but in a running peer its tensors are the peer's own θ_sync and momentum, which the next
+    round updates in place (under RoundLoop.state_lock); a new SwarmState is made per state."""
 
     round: int
     fingerprint: str

@@ -46,6 +46,7 @@ def retained_tensors(root: object) -> tuple[int, int]:
 def test_retained_memory_does_not_grow_with_rounds():
     boot = SwarmDHT.start("memory", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     sizes: dict[int, tuple[int, int]] = {}
+    where: dict[int, tuple[int, int, int]] = {}
     errors: list[BaseException] = []
     init = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 1)).state_dict()
 
@@ -64,6 +65,9 @@ def test_retained_memory_does_not_grow_with_rounds():
                     if i == 0 and result is not None and result.ok and peer.round in (FIRST, LAST):
                         del result  # what the caller holds is its own; measure what the Peer keeps
                         sizes[peer.round] = retained_tensors(peer)
+                        # θ_sync, the momentum and the round buffer: allocated once, updated in place
+                        where[peer.round] = (peer.outer.theta_sync.data_ptr(), peer.outer.momentum_buf.data_ptr(),
+                                             peer.outer.round_buffer().data_ptr())
         except BaseException as e:  # surface thread failures in the test
             errors.append(e)
 
@@ -81,6 +85,7 @@ def test_retained_memory_does_not_grow_with_rounds():
     (n_first, b_first), (n_last, b_last) = sizes[FIRST], sizes[LAST]
     assert b_first >= 4 * params  # the walk does find the model (sanity of the measure itself)
     assert n_last == n_first and b_last == b_first, (sizes, f"{(b_last - b_first) / (LAST - FIRST):.0f} bytes per round")
+    assert where[FIRST] == where[LAST], where  # the same three vectors, never reallocated
 
 
 def test_the_state_digest_hashes_in_place():

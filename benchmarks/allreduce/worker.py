@@ -112,6 +112,9 @@ def main() -> int:
     if a.trusted:
         kw["trusted"] = True
     members = tuple(str(i) for i in range(n))
+    # A peer's round buffer, allocated once and reused by every round (weighted_allreduce's `out`,
+    # when this version has it); without it, each round allocates (and page-faults) its result.
+    reuse = torch.empty(P, dtype=torch.float32) if "out" in inspect.signature(weighted_allreduce).parameters else None
 
     if "gloo" in modes:
         t = time.perf_counter()
@@ -134,9 +137,13 @@ def main() -> int:
 
         if "swarm" in modes:
             group = Group(round=k, members=members, rank=rank, prefix=f"bench/{k}/", store=store, leader="0")
+            src = delta
+            if reuse is not None:  # as a peer does: Δ is in its round buffer, and the round works in it
+                reuse.copy_(delta)
+                src = kw["out"] = reuse
             barrier()
             c0, t0 = cpu_s(proc), time.perf_counter()
-            res = weighted_allreduce(group, delta, weight=1.0, host=a.host, timeout_s=a.timeout, **kw)
+            res = weighted_allreduce(group, src, weight=1.0, host=a.host, timeout_s=a.timeout, **kw)
             t1, c1 = time.perf_counter(), cpu_s(proc)
             if not res.ok:
                 raise AssertionError(f"swarm rep {k}: round failed: {res.error}")

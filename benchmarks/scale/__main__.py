@@ -131,6 +131,14 @@ def main() -> None:
         "agree": len({d["digest"] for d in done if d["round"] == top}) == 1 and len(done) == len(everyone),
     }
     res["local_over_transfer"] = res["local_s"] / res["transfer_s"]
+    # Did serving the state slow the donors' training? Their step times while a late joiner
+    # was downloading, against the others (all processes share the 2 cores, the joiner too).
+    windows = [(j["t"] - j["download_s"], j["t"]) for j in joined if j.get("download_s")]
+    inside = [s["dt"] for w in peers for s in w.of("step") if any(a0 <= s["t"] <= a1 for a0, a1 in windows)]
+    outside = [s["dt"] for w in peers for s in w.of("step") if not any(a0 - 5 <= s["t"] <= a1 + 5 for a0, a1 in windows)]
+    if inside and outside:
+        res["donor_step_s_during_download"] = statistics.median(inside)
+        res["donor_step_s_otherwise"] = statistics.median(outside)
     with open(HERE / "results.jsonl", "a") as f:
         f.write(json.dumps(res) + "\n")
     print(json.dumps(res, indent=1))

@@ -78,11 +78,14 @@ def main() -> None:
     proc = psutil.Process()
     t0 = time.monotonic()
     with Peer(model, opt, pcfg) as peer:
-        say(kind="joined", joined_s=time.monotonic() - t0, round=peer.round,
+        say(kind="joined", joined_s=time.monotonic() - t0, round=peer.round, t=time.time(),
             download_s=peer._rounds.last_download_s, state_mb=8 * n / 1e6 if peer._rounds.last_download_s else 0)
         first_round_s = None
         while peer.round < a.rounds:
+            ts = time.time()
             r = peer.step(loss_of(), samples=a.batch)
+            if r is None:  # a training step only (a step that synced includes the round)
+                say(kind="step", t=ts, dt=time.time() - ts)
             if r is not None and r.ok:
                 if first_round_s is None:
                     first_round_s = time.monotonic() - t0

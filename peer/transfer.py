@@ -108,7 +108,8 @@ class StateServer:
         self._task: concurrent.futures.Future | None = None
         self._streams: set[asyncio.Future] = set()
         self._closed = threading.Event()
-        self._served: list[tuple[float, int]] = []  # (time, request) for cleanup
+        # (time, request, chunks whose keys may be left) for cleanup; kept in order of time
+        self._served: list[tuple[float, int, list[int]]] = []
         self.requests_served = 0
         self.serve_seconds = 0.0
         # Responses posted but not yet taken: the requester deletes a response's manifest once
@@ -199,12 +200,12 @@ class StateServer:
                 if self._snapshot() is not state:  # the state moved on (a round applied): tell the requester
                     self._store.set(f"state/resp/{k}/{i}", b"")
                     log.info("state request %d: round %d is no longer this peer's state; stream stopped", k, state.round)
-                    self._served.append((time.monotonic(), k))
+                    self._served.append((time.monotonic(), k, serving))
                     return
                 data = vec[c * vals : (c + 1) * vals].numpy().tobytes()  # one chunk, copied under the lock
             self._store.set(f"state/resp/{k}/{i}", data)
             sent += len(data)
-        self._served.append((time.monotonic(), k))
+        self._served.append((time.monotonic(), k, serving[-WINDOW:]))  # the requester deleted the others
         self.requests_served += 1
         self.serve_seconds += time.monotonic() - t0
         log.info("served state of round %d (%.1f MB, %d of %d chunks) in %.2fs", state.round, sent / 1e6,
@@ -250,20 +251,22 @@ class StateServer:
         """Remove what a failed stream left in the store."""
         with self._fetch_lock:
             self._fetching.pop(k, None)
-        self._served.append((time.monotonic() - _KEEP_RESPONSES_S, k))
+        try:
+            meta = json.loads(self._store.get(f"state/resp/{k}/meta")) if self._store.check([f"state/resp/{k}/meta"]) else {}
+            serving = meta.get("serving", []) if isinstance(meta, dict) else []
+        except (RuntimeError, ValueError):
+            serving = []
+        self._served.insert(0, (time.monotonic() - _KEEP_RESPONSES_S, k, serving))
         self._cleanup()
 
     def _cleanup(self) -> None:
         """Free responses older than _KEEP_RESPONSES_S (their requester took them or died)."""
         now = time.monotonic()
         while self._served and now - self._served[0][0] >= _KEEP_RESPONSES_S:
-            _, k = self._served.pop(0)
+            _, k, serving = self._served.pop(0)
             keys = [f"state/req/{k}", f"state/resp/{k}/meta"]
-            try:
-                meta = json.loads(self._store.get(keys[1])) if self._store.check([keys[1]]) else {}
-                serving = meta.get("serving", []) if isinstance(meta, dict) else []
-            except (RuntimeError, ValueError):
-                serving = []
+            # the requester deletes what it took; what is left: the last WINDOW acknowledgements,
+            # or everything of a download that failed
             keys += [f"state/resp/{k}/{i}" for i in serving] + [f"state/resp/{k}/ack/{i}" for i in serving]
             for key in keys:
                 self._store.delete_key(key)

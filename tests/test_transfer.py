@@ -167,7 +167,9 @@ def test_a_stream_stops_when_the_donor_moves_on(loop):
     old = current["s"]
 
     def move_on() -> None:
-        time.sleep(0.8)
+        while not s.check(["state/resp/1/meta"]):  # the stream of round 2 has begun
+            time.sleep(0.01)
+        time.sleep(0.3)  # a few chunks of 16 (0.1 s each) are out
         with lock:
             current["s"] = SwarmState(3, "fp", old.theta_sync.add_(1), None)
 

@@ -375,7 +375,10 @@ def fetch_state(donors: PeerRecord | Sequence[PeerRecord], *, fingerprint: str |
         except StateError as e:
             failed[j] = e
 
-    threads = [threading.Thread(target=stripe, args=(j,), name=f"swarmtrain-download-{j}") for j in range(len(team))]
+    # Owned and joined here; daemon only so that Ctrl+C during a download does not leave the
+    # interpreter waiting for a stripe's current wait (each ends within `timeout` anyway).
+    threads = [threading.Thread(target=stripe, args=(j,), name=f"swarmtrain-download-{j}", daemon=True)
+               for j in range(len(team))]
     for t in threads:
         t.start()
     for t in threads:

@@ -69,6 +69,8 @@ class SwarmState:
     def _load(cls, f, *, source: str, fingerprint: str | None, numel: int | None, mmap: bool = False) -> "SwarmState":
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+        except OSError as e:  # missing, unreadable (a file path)
+            raise StateError(f"cannot read {source}: {e.strerror or e}") from e
         except Exception as e:  # torch raises many types for truncated/garbage input
             raise StateError(f"{source}: not a swarmtrain state ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from e
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -139,11 +141,7 @@ class CheckpointDir:
     def load(path: str | Path, *, fingerprint: str | None, numel: int | None) -> SwarmState:
         """Load and validate a checkpoint file. The file is never modified."""
         p = Path(path)
-        try:  # memory-mapped: the file is not read into memory first (the caller copies what it keeps)
-            with open(p, "rb"):
-                pass
-        except OSError as e:
-            raise StateError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
+        # memory-mapped: the file is not read into memory first (the caller copies what it keeps)
         return SwarmState._load(str(p), source=f"checkpoint {p}", fingerprint=fingerprint, numel=numel, mmap=True)
 
     def _prune(self) -> None:

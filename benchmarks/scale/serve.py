@@ -76,8 +76,8 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            with lock:  # a round's apply takes the lock; here only to contend as one would
-                pass
+            lock.acquire()  # as a round's apply does once per round: contend with the server's chunk copies
+            lock.release()
             out.append(time.perf_counter() - t0)
         return out
 

@@ -11,6 +11,14 @@ request number k with an atomic counter on the donor's store and writes what it 
                               "chunk", "chunks" (the total), "serving" (the indices, in order)}
     state/resp/{k}/{i}       chunk i's raw bytes; b"" = the donor moved on to a newer state
     state/resp/{k}/ack/{i}   the requester took chunk i (and deleted it)
+    state/req/{k}/gone       the requester gave up on request k (a timeout, a bad chunk)
+
+A request also says how long the requester waits for each key ("timeout", seconds); the
+donor waits no longer than that for an acknowledgement. Requests are answered in order, so a
+request that nobody will take must not hold up the ones behind it: the donor skips a request
+marked gone, stops a stream when its requester marks it gone or acknowledges nothing for its
+timeout, and skips a number that was taken but never written (a requester that died between
+the two) once a later request exists.
 
 A stream, not a copy: the donor reads each chunk from its live θ_sync and momentum under the
 round loop's state lock (the outer step changes them in place), checking that the state is
@@ -64,6 +72,9 @@ WINDOW = 8
 MAX_DONORS = 4  # donors one requester streams from at once
 MAX_STREAMS = 2  # downloads a donor serves at once (more wait): its training keeps the CPU
 _KEEP_RESPONSES_S = 120.0
+# How long a request number may stay unwritten while later ones exist before it is skipped:
+# the requester writes it right after taking it, so only a dead requester leaves it empty.
+_UNWRITTEN_S = 5.0
 # What a requester that will not join the rounds (an archivist) writes as its id: the donor
 # does not wait for it. A peer id is never this string.
 OBSERVER = "observer"
@@ -133,16 +144,33 @@ class StateServer:
     async def run(self) -> None:
         """Answer request 1, 2, ... in order (each streamed in the executor), until cancelled."""
         k = 1
+        unwritten_since: float | None = None  # when request k was seen taken but not written
         loop = asyncio.get_running_loop()
         try:
             while True:
                 await asyncio.sleep(0.05 if self._streams else 0.2)
                 self._streams = {f for f in self._streams if not f.done()}
-                # check() is non-blocking; a blocking wait() with a timeout logs a c10d warning each time.
-                if len(self._streams) >= MAX_STREAMS or not self._store.check([f"state/req/{k}"]):
+                if len(self._streams) >= MAX_STREAMS:
                     self._cleanup()
                     continue
-                self._streams.add(loop.run_in_executor(None, self._serve_logged, k))
+                # check() is non-blocking; a blocking wait() with a timeout logs a c10d warning each time.
+                if not self._store.check([f"state/req/{k}"]):
+                    # add(0) reads the counter: a later number taken means k's requester died
+                    if self._store.add("state/req", 0) > k:
+                        now = time.monotonic()
+                        unwritten_since = unwritten_since or now
+                        if now - unwritten_since >= _UNWRITTEN_S:
+                            log.info("state request %d was never written (its requester is gone); skipped", k)
+                            self._served.append((now, k, []))
+                            k, unwritten_since = k + 1, None
+                    self._cleanup()
+                    continue
+                unwritten_since = None
+                if self._gone(k):  # it gave up while waiting behind other streams
+                    log.info("state request %d: its requester gave up before it was served; skipped", k)
+                    self._served.append((time.monotonic(), k, []))
+                else:
+                    self._streams.add(loop.run_in_executor(None, self._serve_logged, k))
                 k += 1
         finally:
             self._closed.set()
@@ -164,6 +192,10 @@ class StateServer:
         if not isinstance(req, dict):
             raise ValueError(f"malformed request {raw[:60]!r}")
         requester = str(req.get("who", ""))[:64]
+        patience = req.get("timeout")  # the requester's wait for each key: no point waiting longer
+        stall = (min(self.stall_timeout, float(patience) + 1.0)
+                 if isinstance(patience, (int, float)) and not isinstance(patience, bool) and patience > 0
+                 else self.stall_timeout)
         joiner = requester not in ("", OBSERVER)
         if joiner:  # only a joiner is waited for (an archivist's copy must not slow every round)
             # Recorded before the manifest is posted: a requester can fetch everything and
@@ -189,7 +221,7 @@ class StateServer:
         for q, i in enumerate(serving):
             if q >= WINDOW:  # flow control: the requester has taken chunk q − WINDOW
                 ack = f"state/resp/{k}/ack/{serving[q - WINDOW]}"
-                self._wait(ack)
+                self._wait(ack, k, stall)
                 self._store.delete_key(ack)
             if self._closed.is_set():
                 raise RuntimeError("server closed")
@@ -211,15 +243,25 @@ class StateServer:
         log.info("served state of round %d (%.1f MB, %d of %d chunks) in %.2fs", state.round, sent / 1e6,
                  len(serving), total, time.monotonic() - t0)
 
-    def _wait(self, key: str) -> None:
-        """Wait for `key`, in short steps so that close() stops the stream within a second."""
-        deadline = time.monotonic() + self.stall_timeout
+    def _gone(self, k: int) -> bool:
+        return self._store.check([f"state/req/{k}/gone"])
+
+    def _wait(self, key: str, k: int, stall: float) -> None:
+        """Wait for `key` of request k, in short steps so that close() stops the stream within
+        a second; stop if the requester says it gave up or takes nothing for `stall` seconds."""
+        start = time.monotonic()
+        asked = start
         pause = 0.001
         while not self._store.check([key]):
             if self._closed.is_set():
                 raise RuntimeError("server closed")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the requester took nothing for {self.stall_timeout:.0f}s")
+            now = time.monotonic()
+            if now - start > stall:
+                raise RuntimeError(f"the requester took nothing for {stall:.0f}s")
+            if now - asked > 0.25:
+                asked = now
+                if self._gone(k):
+                    raise RuntimeError("the requester gave up")
             time.sleep(pause)
             pause = min(2 * pause, 0.02)
 
@@ -264,7 +306,7 @@ class StateServer:
         now = time.monotonic()
         while self._served and now - self._served[0][0] >= _KEEP_RESPONSES_S:
             _, k, serving = self._served.pop(0)
-            keys = [f"state/req/{k}", f"state/resp/{k}/meta"]
+            keys = [f"state/req/{k}", f"state/req/{k}/gone", f"state/resp/{k}/meta"]
             # the requester deletes what it took; what is left: the last WINDOW acknowledgements,
             # or everything of a download that failed
             keys += [f"state/resp/{k}/{i}" for i in serving] + [f"state/resp/{k}/ack/{i}" for i in serving]
@@ -333,11 +375,13 @@ def _stream(donor: PeerRecord, dl: _Assembly, req: dict, *, timeout: float, conn
             expected: list[int] | None = None) -> None:
     """Stream the chunks `req` asks for from one donor into `dl`. Raises StateError."""
     name = f"peer {donor.peer_id[-8:]} ({donor.host}:{donor.port})"
+    store: TCPStore | None = None
+    k = 0
     try:
         store = TCPStore(donor.host, donor.port, is_master=False, timeout=timedelta(seconds=min(connect_timeout, timeout)))
         store.set_timeout(timedelta(seconds=timeout))
         k = store.add("state/req", 1)
-        store.set(f"state/req/{k}", json.dumps(req))
+        store.set(f"state/req/{k}", json.dumps({**req, "timeout": timeout}))
         store.wait([f"state/resp/{k}/meta"], timedelta(seconds=timeout))
         meta = dl.accept(json.loads(store.get(f"state/resp/{k}/meta")), name, expected)
         for i in meta["serving"]:
@@ -352,9 +396,23 @@ def _stream(donor: PeerRecord, dl: _Assembly, req: dict, *, timeout: float, conn
         for key in (f"state/resp/{k}/meta", f"state/req/{k}"):
             store.delete_key(key)
     except StateError:
+        _give_up(store, k)
         raise
     except (RuntimeError, ValueError, KeyError, TypeError, OverflowError) as e:  # store errors, bad JSON
+        _give_up(store, k)
         raise StateError(f"download from {name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _give_up(store: TCPStore | None, k: int) -> None:
+    """Tell the donor that request k will not be taken, so that it serves the next one now
+    rather than after its stall timeout. Best effort: the donor may be the reason we stop."""
+    if store is None or k <= 0:
+        return
+    try:
+        store.set_timeout(timedelta(seconds=2))  # a hung donor must not delay the fallback
+        store.set(f"state/req/{k}/gone", b"")
+    except RuntimeError:  # the donor is unreachable: its own timeout ends the stream
+        pass
 
 
 def fetch_state(donors: PeerRecord | Sequence[PeerRecord], *, fingerprint: str | None, numel: int | None,

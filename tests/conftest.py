@@ -83,7 +83,8 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
             raise AssertionError(f"process exited with {proc.returncode} while waiting for {what}:\n"
                                  + proc.logfile.read_text(errors="replace")[-3000:])  # type: ignore[attr-defined]
         time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    tail = "" if proc is None else ":\n" + proc.logfile.read_text(errors="replace")[-3000:]  # type: ignore[attr-defined]
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{tail}")
 
 
 def run_peers(n: int, train, timeout: float = 200.0) -> None:

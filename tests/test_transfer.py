@@ -5,6 +5,7 @@ import json
 import math
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -180,4 +181,34 @@ def test_a_stream_stops_when_the_donor_moves_on(loop):
             transfer.fetch_state(record("mover", s, old), fingerprint="fp", numel=4 << 20, timeout=3)
     finally:
         mover.join()
+        server.close()
+
+
+@pytest.mark.timeout(60)
+def test_requests_nobody_will_take_do_not_hold_up_the_next_joiner(loop):
+    """Requests are answered in order, at most MAX_STREAMS at once. Before, a requester that
+    died between taking a request number and writing it blocked the donor's server for good,
+    and each request whose requester had given up held a stream for a minute: a joiner whose
+    first tries timed out under load could never download again (seen in CI: no download in
+    200 s over a 100 Mbit/s link)."""
+    state = SwarmState(7, "fp", torch.randn(4 << 20), torch.randn(4 << 20))  # 32 chunks: more than WINDOW
+    s = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    server = StateServer(s, lambda: state)  # stall_timeout: the default minute
+    server.start(loop)
+    c = TCPStore("127.0.0.1", s.port, is_master=False, timeout=timedelta(seconds=5))
+    try:
+        # 1: asks, then dies without a word: no acknowledgement within its 2 s
+        k = c.add("state/req", 1)
+        c.set(f"state/req/{k}", json.dumps({"who": "QmDead", "part": [0, 1], "timeout": 2}))
+        # 2: asks with a long patience, then gives up (as a requester whose wait timed out does)
+        k = c.add("state/req", 1)
+        c.set(f"state/req/{k}", json.dumps({"who": "QmQuitter", "part": [0, 1], "timeout": 600}))
+        c.set(f"state/req/{k}/gone", b"")
+        # 3: takes a number and dies before writing its request
+        c.add("state/req", 1)
+        got = download_state([record("donor", s, state)], fingerprint="fp", numel=4 << 20, timeout=15,
+                             requester="QmJoiner")
+        assert torch.equal(got.theta_sync, state.theta_sync) and torch.equal(got.momentum_buf, state.momentum_buf)
+        assert server.requests_served == 1  # the joiner's; the others were stopped or skipped
+    finally:
         server.close()

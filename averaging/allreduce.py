@@ -32,13 +32,15 @@ the encoded size), where each contribution is seen, checked and reduced on its o
        DROPS any with NaN/Inf or undecodable bytes (naming the sender in `rejected`), and
        reduces the rest with the run's aggregator (mean, trimmed_mean, centered_clip);
     3. all-gather: each owner encodes its part of the result and every member receives all
-       parts. All members decode the same bytes, so they agree exactly.
+       parts (fp32: as a second all-to-all, straight into `out`). All members decode the
+       same bytes, so they agree exactly.
 Compressed codecs use error feedback (see codecs.ErrorFeedback), committed only if the
 round completes. Limitation: the owner of a part is trusted for that part (1/m of the
 vector); BTARD-style verification of owners is not implemented (docs/security.md).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import math
@@ -87,13 +89,20 @@ class RoundResult:
 
 
 class _Reaper:
-    """Releases finished per-round gloo groups off the critical path: a group's teardown
-    (closing n−1 connections) takes tens of milliseconds. One daemon thread, owned by this
-    module, only ever drops references; nothing else runs in it."""
+    """Releases finished per-round gloo groups off the critical path. A group's teardown
+    (joining its worker threads, closing n−1 connections) takes 15–50 ms of CPU and some of
+    the GIL; run at once, it ran while the round's caller went on, and made the round 40 ms
+    slower on a busy machine (1 Gbit/s, 4 peers). So each group is released DELAY_S after
+    its round, while the peer trains. One daemon thread, owned by this module, only ever
+    drops references; `drain` (registered with atexit) releases what is left at exit: a
+    gloo group still alive when the interpreter stops aborts the process."""
+
+    DELAY_S = 0.3
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._now = threading.Event()  # set by drain(): no more waiting
         self._thread: threading.Thread | None = None
 
     def retire(self, pg: object) -> None:
@@ -101,15 +110,31 @@ class _Reaper:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="swarmtrain-pg-reaper", daemon=True)
                 self._thread.start()
-        self._queue.put(pg)
+        self._queue.put((time.monotonic() + self.DELAY_S, pg))
 
     def _run(self) -> None:
         while True:
-            pg = self._queue.get()
-            del pg  # the C++ destructor closes the sockets here
+            item = self._queue.get()
+            if item is None:  # drain()
+                return
+            due, pg = item
+            self._now.wait(max(0.0, due - time.monotonic()))
+            del item, pg  # the C++ destructor runs here
+
+    def drain(self, timeout_s: float = 10.0) -> None:
+        """Release every queued group now and stop the thread (at exit)."""
+        with self._lock:
+            thread = self._thread
+            self._thread = None
+        if thread is None or not thread.is_alive():
+            return
+        self._now.set()
+        self._queue.put(None)
+        thread.join(timeout_s)  # bounded: a teardown takes milliseconds
 
 
 _REAPER = _Reaper()
+atexit.register(_REAPER.drain)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -379,19 +404,21 @@ def _partwise_allreduce(
             work.wait()
             lengths = {e - s for s, e in parts}
             if lossless and len(lengths) == 1:
-                # Equal parts (every chunk but perhaps the last): every member's reduced part
-                # lands straight in `out`, with no gathered copy to move.
+                # Equal parts (every chunk but perhaps the last): the result parts go out in an
+                # all-to-all too, straight into `out` (the valid members' parts, in rank order,
+                # are exactly this chunk of it). gloo's all-gather would copy them out of a
+                # fresh buffer of its own, page faults included.
                 q = lengths.pop()
-                mine = pool.get(q)
+                send = pool.get(n * q) if me_in else torch.empty(0)  # our part, once per member
                 if me_in:
-                    _reduce_part(group, received, recv_splits, None, weights, valid, codec, agg, rejected, dest=mine)
-                else:  # we own no part: what we send is ignored, but it must be the same size
-                    mine.zero_()
+                    _reduce_part(group, received, recv_splits, None, weights, valid, codec, agg, rejected, dest=send[:q])
+                    send.view(n, q)[1:].copy_(send[:q].expand(n - 1, q))
                 pool.give(received)
-                outputs = [out[parts[owner[i]][0] : parts[owner[i]][1]] if i in owner else torch.empty(q)
-                           for i in range(n)]
-                sent += (n - 1) * 4 * q
-                return None, None, pg.allgather([outputs], [mine]), mine
+                c0, c1 = parts[0][0], parts[-1][1]
+                sent += (n - 1) * 4 * q if me_in else 0
+                work = pg.alltoall_base(out[c0:c1], send, [q if i in owner else 0 for i in range(n)],
+                                        [q if me_in else 0] * n)
+                return None, (c0, c1), work, send
             max_bytes = codec.wire_bytes(max(lengths))
             padded = torch.zeros(max_bytes, dtype=torch.uint8)
             if me_in:
@@ -417,23 +444,30 @@ def _partwise_allreduce(
             `delta` was read in `scatter`, long before)."""
             parts, gathered, work, _padded = item
             work.wait()
-            if parts is None:  # it landed in `out` already
-                pool.give(_padded)
+            if parts is None:  # it landed in `out` already: check it while it is in the cache
+                c0, c1 = gathered
+                if not all_finite(out[c0:c1]):
+                    nonfinite.append(c0)
+                if _padded.numel():
+                    pool.give(_padded)
                 return
             for j, (s0, e0) in enumerate(parts):
                 got = gathered[valid[j], : codec.wire_bytes(e0 - s0)]
                 out[s0:e0] = got.view(torch.float32) if lossless else codec.decode(got, e0 - s0)
+                if not all_finite(out[s0:e0]):
+                    nonfinite.append(s0)
 
         # Each chunk [c0, c1) is split into m parts; part j of every valid member's chunk goes to
         # valid[j]. A pipeline, in the same order on every member (gloo matches collectives by
         # order): at most WINDOW chunks are between scatter and gather, and WINDOW between
         # gather and landing.
         pool = _Pool()
+        nonfinite: list[int] = []  # chunks of the result with NaN/Inf, checked as they land
         scattering: deque = deque()
         gathering: deque = deque()
         # fp32 chunks are a multiple of m values, so that their parts are equal (see gather).
         # (Measured, 1 Gbit/s, 4 peers: larger chunks, or small ones ramping up to large ones
-        # in the middle, were slower; smaller ones no faster.)
+        # in the middle, were slower; smaller ones, or smaller ones only at both ends, no faster.)
         step = max(m, chunk // m * m) if lossless else chunk
         for c0 in range(0, size, step):
             scattering.append(scatter([(c0 + a, c0 + b) for a, b in partition(min(c0 + step, size) - c0, m)]))
@@ -459,7 +493,7 @@ def _partwise_allreduce(
                     "; ".join(f"{pid[-8:]}: {why}" for pid, why in sorted(set(rejected))))
     if not me_in:
         return failed("this peer's contribution was excluded by the group (see the other peers' logs)")
-    if not all_finite(out):
+    if nonfinite:
         return failed("non-finite values in the averaged result")
     for fb, s0, res in pending:  # the round completed: the quantization errors are now "sent"
         fb.commit(s0, res)
@@ -532,6 +566,19 @@ def _reduce_part(
         else:  # a diverged update (ours too) must not poison the group
             rejected.append((group.members[i], "NaN/Inf values"))
 
+    if agg.name == "mean" and not scaled and len(recv_splits) and not any(
+            n != 0 and n != L for n in recv_splits):
+        # fp32 mean, optimistically: Σ w·Δ is finite only if every row is (a NaN or Inf in
+        # any row, times a positive weight, stays in the sum), so the rows are checked one by
+        # one only when it is not; it saves m reads of the part per chunk.
+        members = [i for i, nb in enumerate(recv_splits) if nb]
+        view = received.view(len(members), L) if L else None
+        if view is not None:
+            torch.mul(view[0], weights[members[0]], out=out)
+            for k in range(1, len(members)):
+                out.add_(view[k], alpha=weights[members[k]])
+            if all_finite(out):
+                return out.div_(sum(weights[i] for i in members))
     if own is not None:
         take(group.rank, own)
     offset = 0

@@ -138,3 +138,49 @@ def test_codecs_agree_and_are_close(name, tol, chunk):
         assert torch.equal(r.mean_delta, res[0].mean_delta)
     assert (res[0].mean_delta - true_mean).abs().max().item() <= tol * 4
     assert res[0].weights == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("chunk", [0, 1000])  # 1000: chunks of 999 values and a last one of unequal parts
+def test_fp32_in_place_round_is_the_weighted_mean(chunk):
+    """fp32 sends Δ itself (a view of the round buffer) and the owner of a part applies the
+    weights every member declared; the result lands in the same buffer."""
+    n, P = 3, 12_346
+    xs = [torch.randn(P, generator=torch.Generator().manual_seed(40 + i)) for i in range(n)]
+    weights = [1.0, 2.5, 4.0]
+    true_mean = sum(w * x for w, x in zip(weights, xs)) / sum(weights)
+    bufs = [x.clone() for x in xs]
+
+    def fn(store, rank):
+        g = Group(0, tuple(map(str, range(n))), rank, f"inplace/{chunk}/", store)
+        return weighted_allreduce(g, bufs[rank], weights[rank], host="127.0.0.1", timeout_s=30, pipeline_chunk=chunk,
+                                  out=bufs[rank])
+
+    res = _run_group(n, fn)
+    assert all(r.ok for r in res), [r.error for r in res]
+    for i, r in enumerate(res):
+        assert r.mean_delta.data_ptr() == bufs[i].data_ptr()  # in place: no vector of its own
+        assert torch.equal(r.mean_delta, res[0].mean_delta)
+    assert (res[0].mean_delta - true_mean).abs().max().item() <= 1e-5
+    assert res[0].weights == tuple(weights)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["fp32", "int8"])
+def test_a_result_part_with_nan_fails_the_round_for_everyone(name):
+    """Every member's update is NaN in one place: each owner drops them all, its part of the
+    result is NaN, and every member must fail the round (checked as the parts land)."""
+    n, P = 3, 9_000
+    xs = [torch.randn(P, generator=torch.Generator().manual_seed(50 + i)) for i in range(n)]
+    for x in xs:
+        x[4_500] = float("nan")
+
+    def fn(store, rank):
+        g = Group(0, tuple(map(str, range(n))), rank, f"nanpart/{name}/", store)
+        return weighted_allreduce(g, xs[rank], 1.0, host="127.0.0.1", timeout_s=30, codec=name, pipeline_chunk=1000)
+
+    res = _run_group(n, fn)
+    assert [r.status for r in res] == ["failed"] * n
+    # int8 cannot even encode a NaN part: its block scale is refused when decoded
+    why = "non-finite values in the averaged result" if name == "fp32" else "undecodable result part from a peer"
+    assert all(r.error is not None and r.error.startswith(why) for r in res), [r.error for r in res]

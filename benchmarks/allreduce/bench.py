@@ -43,7 +43,6 @@ METHOD_NAMES = {
     "gloo": "torch.distributed gloo (PG created once)",
     "swarm": "swarmtrain weighted_allreduce (end to end)",
     "split": "swarmtrain: direct pg.allreduce after make_gloo_group",
-    "parts": "gloo all-to-all + all-gather pipeline, plain sum (the part-wise floor)",
 }
 
 _procs: list[subprocess.Popen] = []
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--trusted", action="store_true",
                     help="swarm mode, fp32: the trusted ring-SUM path (default: the validated part-wise path)")
-    ap.add_argument("--modes", default="gloo,swarm,split", help="subset of gloo,swarm,split,parts")
+    ap.add_argument("--modes", default="gloo,swarm,split", help="subset of gloo,swarm,split")
     ap.add_argument("--matrix", action="store_true",
                     help="N in {4,8} x S in {40,400} MB x rate in {100mbit,1gbit} x codecs fp32/fp16/int8; "
                          "writes results.md")

@@ -26,9 +26,6 @@ from torch.distributed import PrefixStore, TCPStore
 
 from averaging.allreduce import make_gloo_group, weighted_allreduce
 
-CHUNK = 1 << 18  # values per chunk of the "parts" mode (the part-wise path's fp32 chunk)
-WINDOW = 4
-
 try:  # the result check weighted_allreduce uses (one sum reduction); older versions: full isfinite pass
     from averaging.allreduce import all_finite
 except ImportError:  # pragma: no cover
@@ -162,41 +159,6 @@ def main() -> int:
             if list(res.weights) != [1.0] * n:
                 raise AssertionError(f"swarm rep {k}: weights {res.weights}")
             del res
-
-        if "parts" in modes and a.codec == "fp32":
-            # The floor of the part-wise path: its collectives alone (per chunk a gloo
-            # all-to-all, then an all-gather of the reduced parts, WINDOW chunks in flight),
-            # with a plain sum as the reduction, on a group created once per repetition.
-            group = Group(round=k, members=members, rank=rank, prefix=f"parts/{k}/", store=store, leader="0")
-            pg = make_gloo_group(group, host=a.host, timeout_s=a.timeout)
-            res_buf = torch.empty(P, dtype=torch.float32)
-            step = (CHUNK // n) * n
-            barrier()
-            c0, t0 = cpu_s(proc), time.perf_counter()
-            scat, gath = [], []
-            for s0 in range(0, P, step):
-                q = (min(s0 + step, P) - s0) // n
-                if q == 0:
-                    break
-                recv = torch.empty(n * q)
-                scat.append((s0, q, recv, pg.alltoall_base(recv, delta[s0 : s0 + n * q], [q] * n, [q] * n)))
-                while scat and (len(scat) > WINDOW or s0 + step >= P):
-                    s1, q1, recv1, w = scat.pop(0)
-                    w.wait()
-                    mine = recv1.view(n, q1).sum(0)
-                    outs = list(res_buf[s1 : s1 + n * q1].view(n, q1).unbind(0))
-                    gath.append(pg.allgather([outs], [mine]))
-                    while len(gath) > WINDOW:
-                        gath.pop(0).wait()
-            for w in gath:
-                w.wait()
-            t1, c1 = time.perf_counter(), cpu_s(proc)
-            covered = P // step * step + (P % step) // n * n
-            res_buf[covered:] = exp[covered:] * n  # the < n values left after the last whole part: not sent
-            record("parts", "time_s", t1 - t0)
-            record("parts", "cpu", (c1 - c0) / (t1 - t0))
-            record("parts", "err", check(f"parts rep {k}", res_buf.div_(n), exp, TOLERANCE["fp32"]))
-            pg = None
 
         if "split" in modes and a.codec == "fp32":
             group = Group(round=k, members=members, rank=rank, prefix=f"split/{k}/", store=store, leader="0")

@@ -122,7 +122,10 @@ class Peer:
             listen_host=sw.host, announce_host=self.announce_host, client_mode=sw.client_mode, secret=secret),
             tamper=self._tamper)
         if self._averager.matchmaker.store is not None:  # client-mode peers cannot serve state
-            self._server = StateServer(self._averager.matchmaker.store, lambda: self._rounds.state, self._rounds.state_lock)
+            clock = self._rounds.clock
+            self._server = StateServer(self._averager.matchmaker.store, lambda: self._rounds.state, self._rounds.state_lock,
+                                       rate_mb_s=self.config.sync.serve_rate_mb_s or None,
+                                       training=lambda: not clock.waiting)
         self._rounds.attach(peer_id=self.peer_id, dht=self._dht, averager=self._averager, server=self._server,
                             loop=self._loop)
         self._check_compatible()

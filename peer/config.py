@@ -234,6 +234,8 @@ class SyncConfig:
     matchmaking_window: float = doc(15.0, "seconds to wait at a sync point for other peers")
     join_timeout: float = doc(5.0, "seconds to wait when connecting to a group leader")
     allreduce_timeout: float = doc(60.0, "seconds before a stalled all-reduce is declared failed")
+    serve_rate_mb_s: float = doc(16.0, "while it trains, a peer streams its state to joiners at most this fast (MB/s, "
+                                       "0 = no cap); while it waits at a sync point, at full speed")
     max_stale_rounds: int = doc(4, "a peer that missed rounds carries its local progress onto the swarm's newer state "
                                    "if it is at most this many rounds stale (0 = drop it), and averages it next round")
     overlap: bool = doc(False, "keep training while a round's all-reduce runs; apply its outer step one round late")
@@ -259,6 +261,8 @@ class SyncConfig:
         self.matchmaking()  # validates group sizes and timeouts
         if self.allreduce_timeout <= 0:
             raise ValueError(f"allreduce_timeout must be > 0, got {self.allreduce_timeout}")
+        if not self.serve_rate_mb_s >= 0:
+            raise ValueError(f"serve_rate_mb_s must be >= 0 (0 = no cap), got {self.serve_rate_mb_s}")
         if self.compression not in ("fp32", "fp16", "bf16", "int8"):
             raise ValueError(f"compression must be fp32, fp16, bf16 or int8, got {self.compression!r}")
         check_group_sizes(self.aggregation(), self.matchmaking())  # validates aggregator, trim, clip_*; sizes fit it

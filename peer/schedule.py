@@ -83,6 +83,11 @@ class ComputeClock:
             return waited
 
     @property
+    def waiting(self) -> bool:
+        """True while the trainer is blocked in a sync (not computing)."""
+        return self._wait_since is not None
+
+    @property
     def wait_s(self) -> float:
         """Total time blocked in sync (finished waits only)."""
         return self._waited

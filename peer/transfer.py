@@ -110,8 +110,20 @@ class StateServer:
     """
 
     def __init__(self, store: Store, snapshot: Callable[[], SwarmState | None], lock: ContextManager | None = None,
-                 *, stall_timeout: float = 60.0, throttle_s: float = 0.0) -> None:
+                 *, stall_timeout: float = 60.0, throttle_s: float = 0.0, rate_mb_s: float | None = None,
+                 training: Callable[[], bool] | None = None) -> None:
+        if rate_mb_s is not None and not rate_mb_s > 0:
+            raise ValueError(f"rate_mb_s must be > 0 or None, got {rate_mb_s}")
         self._store = store
+        # While `training()` says the owner computes, all streams together send at most this
+        # many MB/s (None: no cap): serving costs the owner's CPU (measured: +53% step time at
+        # 139 MB/s on one shared core). While the owner waits for the swarm (often for this
+        # very joiner, at its sync point) it streams at full speed.
+        self.rate_mb_s = rate_mb_s
+        self._training = training if training is not None else (lambda: True)
+        self._pace_lock = threading.Lock()
+        self._pace_t = 0.0  # when the capped streams may send their next byte
+        self.paced_s = 0.0  # seconds the cap has held streams back
         self._snapshot = snapshot
         self._lock = lock if lock is not None else nullcontext()
         self.stall_timeout = stall_timeout
@@ -122,6 +134,7 @@ class StateServer:
         # (time, request, chunks whose keys may be left) for cleanup; kept in order of time
         self._served: list[tuple[float, int, list[int]]] = []
         self.requests_served = 0
+        self.bytes_served = 0  # chunks posted, finished streams or not
         self.serve_seconds = 0.0
         # Responses posted but not yet taken: the requester deletes a response's manifest once
         # it has every chunk, so a manifest still in the store is a download in progress.
@@ -237,11 +250,25 @@ class StateServer:
                 data = vec[c * vals : (c + 1) * vals].numpy().tobytes()  # one chunk, copied under the lock
             self._store.set(f"state/resp/{k}/{i}", data)
             sent += len(data)
+            self.bytes_served += len(data)
+            self._pace(len(data))
         self._served.append((time.monotonic(), k, serving[-WINDOW:]))  # the requester deleted the others
         self.requests_served += 1
         self.serve_seconds += time.monotonic() - t0
         log.info("served state of round %d (%.1f MB, %d of %d chunks) in %.2fs", state.round, sent / 1e6,
                  len(serving), total, time.monotonic() - t0)
+
+    def _pace(self, nbytes: int) -> None:
+        """The serving cap: while the owner trains, wait until `nbytes` more fit under rate_mb_s
+        (a token bucket shared by all streams, with no credit saved up while idle)."""
+        if self.rate_mb_s is None or not self._training():
+            return
+        with self._pace_lock:
+            now = time.monotonic()
+            self._pace_t = max(self._pace_t, now) + nbytes / (self.rate_mb_s * 1e6)
+            wait = self._pace_t - now
+            self.paced_s += max(wait, 0.0)
+        self._closed.wait(wait)
 
     def _gone(self, k: int) -> bool:
         return self._store.check([f"state/req/{k}/gone"])

@@ -212,3 +212,29 @@ def test_requests_nobody_will_take_do_not_hold_up_the_next_joiner(loop):
         assert server.requests_served == 1  # the joiner's; the others were stopped or skipped
     finally:
         server.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_serving_cap_holds_while_the_donor_trains_and_lifts_while_it_waits(loop):
+    """Serving costs the donor's CPU (+53% step time at full speed on one shared core): while
+    it trains, its streams are held to `rate_mb_s`; while it waits at a sync point, never."""
+    state = SwarmState(8, "fp", torch.randn(1 << 20), torch.randn(1 << 20))  # 8 MB: 8 chunks
+    training = {"now": True}
+    s = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    server = StateServer(s, lambda: state, rate_mb_s=4.0, training=lambda: training["now"])
+    server.start(loop)
+    try:
+        donor = [record("donor", s, state)]
+        t0 = time.monotonic()
+        got = download_state(donor, fingerprint="fp", numel=1 << 20, timeout=10, requester="QmJoiner")
+        assert torch.equal(got.theta_sync, state.theta_sync)
+        # the cap: each chunk after the first waits its turn at 4 MB/s (the last wait is after it is sent)
+        assert time.monotonic() - t0 >= 0.95 * 7 * transfer.CHUNK / 4e6
+        assert server.paced_s > 0
+        training["now"] = False  # at its sync point
+        held = server.paced_s
+        got = download_state(donor, fingerprint="fp", numel=1 << 20, timeout=10, requester="QmJoiner2")
+        assert torch.equal(got.momentum_buf, state.momentum_buf)
+        assert server.paced_s == held  # not held back at all
+    finally:
+        server.close()

@@ -47,6 +47,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="100M")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--rate", type=float, default=None,
+                    help="the server's cap while the owner trains, MB/s (default: none)")
     ap.add_argument("--fetch", nargs=4, metavar=("PORT", "ROUND", "DIGEST", "NUMEL"))
     a = ap.parse_args()
     if a.fetch:
@@ -63,7 +65,7 @@ def main() -> None:
     lock = threading.Lock()
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
     loop = PeerLoop("serve-bench").start()
-    server = StateServer(store, lambda: state, lock)
+    server = StateServer(store, lambda: state, lock, rate_mb_s=a.rate)  # the owner always trains here
     server.start(loop)
     g = torch.Generator().manual_seed(0)
 
@@ -88,7 +90,9 @@ def main() -> None:
         requester = subprocess.Popen([sys.executable, "-m", "benchmarks.scale.serve", "--fetch", str(store.port), "3",
                                       tensor_digest(state.theta_sync), str(P)], stdout=subprocess.PIPE, text=True)
         time.sleep(2)  # the first request is being served
+        b0, t_busy = server.bytes_served, time.monotonic()
         busy = steps(a.steps)
+        rate = (server.bytes_served - b0) / (time.monotonic() - t_busy) / 1e6
     finally:
         if requester is not None:
             requester.terminate()
@@ -97,7 +101,8 @@ def main() -> None:
         loop.close()
     downloads = [json.loads(x)["download_s"] for x in (out or "").splitlines() if x.startswith("{")]
     q, b = statistics.median(quiet), statistics.median(busy)
-    print(json.dumps({"preset": a.preset, "params": P, "state_mb": 8 * P / 1e6, "step_s_quiet": round(q, 3),
+    print(json.dumps({"preset": a.preset, "params": P, "rate_cap_mb_s": a.rate, "serving_mb_per_s": round(rate, 1),
+                      "state_mb": 8 * P / 1e6, "step_s_quiet": round(q, 3),
                       "step_s_serving": round(b, 3), "slowdown": round(b / q - 1, 3), "downloads": len(downloads),
                       "download_s": [round(d, 1) for d in downloads], "served": server.requests_served}))
 

@@ -45,14 +45,16 @@ class Averager:
 
     def average(
         self, round_: int, fingerprint: str, delta: torch.Tensor, weight: float, expected_size: Callable[[], int],
-        *, refill: Callable[[], object] | None = None,
+        *, refill: Callable[[], object] | None = None, ready: Callable[[], Awaitable[object]] | None = None,
     ) -> RoundResult:
         """`average_async`, blocking the calling thread (which must not run an event loop)."""
-        return asyncio.run(self.average_async(round_, fingerprint, delta, weight, expected_size, refill=refill))
+        return asyncio.run(self.average_async(round_, fingerprint, delta, weight, expected_size, refill=refill,
+                                              ready=ready))
 
     async def average_async(
         self, round_: int, fingerprint: str, delta: torch.Tensor, weight: float,
         expected_size: Callable[[], int | Awaitable[int]], *, refill: Callable[[], object] | None = None,
+        ready: Callable[[], Awaitable[object]] | None = None,
     ) -> RoundResult:
         """Meet the peers at `round_` and average `delta` with them.
 
@@ -72,12 +74,17 @@ class Averager:
         that fails may leave garbage there, so `refill()` (called in the executor) must write
         Δ into `delta` again before the retry. Without `refill`, `delta` is never modified.
 
+        `ready`: `delta` is still being written (Δ computed while we meet the group, so that
+        work hides behind matchmaking): awaited once a group has formed, before the first
+        byte of `delta` is read. If matchmaking fails it is not awaited: the caller owns the
+        writer and must let it finish before it reuses the buffer.
+
         Failure behaviour: never raises for network faults; returns a `failed` RoundResult
         within about 2 × (window + join_timeout + 2·allreduce_timeout) seconds.
         """
         t0 = time.monotonic()
         out = delta if refill is not None else None
-        result, group = await self._attempt(round_, fingerprint, delta, weight, expected_size, out)
+        result, group = await self._attempt(round_, fingerprint, delta, weight, expected_size, out, ready)
         if not result.ok and group is not None and group.size >= 3 and not group.is_client:
             survivors = group.size - 1
             log.info("round %d: a member failed mid-round (%s); retrying at once with the others", round_, result.error)
@@ -98,6 +105,7 @@ class Averager:
     async def _attempt(
         self, round_: int, topic: str, delta: torch.Tensor, weight: float,
         expected_size: Callable[[], int | Awaitable[int]], out: torch.Tensor | None = None,
+        ready: Callable[[], Awaitable[object]] | None = None,
     ) -> tuple[RoundResult, Group | None]:
         """One matchmaking (among the peers declaring `topic`) + all-reduce; the group, if one formed."""
         t0 = time.monotonic()
@@ -105,6 +113,8 @@ class Averager:
             group = await self.matchmaker.form_group_async(round_, topic, expected_size)
         except MatchmakingError as e:
             return RoundResult(round_, "failed", (self.dht.peer_id,), (), time.monotonic() - t0, 0, str(e)), None
+        if ready is not None:  # the group waits for us here: Δ is (nearly) written by now
+            await ready()
         result = await asyncio.to_thread(self._reduce, group, delta, weight, out)
         self._strike(result)
         return dataclasses.replace(result, transfer_s=result.duration_s), group

@@ -223,9 +223,25 @@ class RoundLoop:
         await self._wait_for_joiners(round_)
         if await self.expected_group_size_async() < self.config.sync.min_group_size:
             return RoundResult(round_, "failed", (self.peer_id,), (), 0.0, 0, NO_PEER)
-        delta = await asyncio.to_thread(self._timed, fill)  # [P] fp32, off the loop
-        return await self._averager.average_async(round_, key, delta, weight, self.expected_group_size_async,
-                                                  refill=functools.partial(self._timed, fill))
+        # Δ is written into the round buffer (off the loop) while we meet the group: matchmaking
+        # is mostly waiting for the others, so this pass over the model costs the round nothing
+        # unless the group forms first; only that exposed wait counts as this peer's local work.
+        filling = asyncio.ensure_future(asyncio.to_thread(fill))
+
+        async def ready() -> None:
+            t0 = time.monotonic()
+            await asyncio.shield(filling)  # (a cancelled round still lets the writer finish: below)
+            self._local_s += time.monotonic() - t0
+
+        try:
+            result = await self._averager.average_async(round_, key, self.outer.round_buffer(), weight,
+                                                        self.expected_group_size_async,
+                                                        refill=functools.partial(self._timed, fill), ready=ready)
+        finally:  # matchmaking failed or the round was cancelled before `ready`: the next round
+            if not filling.done():  # reuses the buffer, so its writer must be done first
+                await asyncio.wait([filling])
+        filling.result()  # a fill that failed is an error even when matchmaking failed too
+        return result
 
     def _timed(self, fill: Callable[[], torch.Tensor]) -> torch.Tensor:
         t0 = time.monotonic()

@@ -116,3 +116,64 @@ def test_a_peers_background_work_runs_as_tasks_on_its_own_loop():
 
 async def _task_names() -> set[str]:
     return {t.get_name() for t in asyncio.all_tasks()}
+
+
+@pytest.mark.timeout(120)
+def test_delta_written_during_matchmaking_is_read_only_once_it_is_ready():
+    """A peer computes Δ while it meets its group (issue 15: the pass over the model hides
+    behind matchmaking). The all-reduce must not read the buffer before `ready` says it is
+    written: here the buffer holds NaN until `ready` runs, so an early read would make the
+    round fail (a non-finite contribution) or average garbage. And a peer that meets nobody
+    never waits for it."""
+    run = "ready-test"
+    boot = SwarmDHT.start(run, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [SwarmDHT.start(run, initial_peers=boot.visible_maddrs()[:1], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+            for _ in range(2)]
+    cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", matchmaking=MatchmakingConfig(window=30))
+    avs = [Averager(d, cfg) for d in dhts]
+    values = [torch.randn(50_000, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    bufs = [torch.full((50_000,), float("nan")) for _ in range(2)]
+    readied: list[int] = []
+    results = {}
+
+    def go(i: int) -> None:
+        async def ready() -> None:
+            await asyncio.sleep(0)
+            bufs[i].copy_(values[i])
+            readied.append(i)
+
+        results[i] = avs[i].average(0, "fp", bufs[i], float(i + 1), expected_size=lambda: 2,
+                                    refill=lambda: bufs[i].copy_(values[i]), ready=ready)
+
+    try:
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        assert sorted(readied) == [0, 1]
+        expected = (values[0] * 1 + values[1] * 2) / 3
+        for i in range(2):
+            assert results[i].status == "complete", results[i]
+            assert torch.allclose(results[i].mean_delta, expected, atol=1e-6)
+        assert torch.equal(results[0].mean_delta, results[1].mean_delta)
+
+        # Alone: matchmaking fails, and `ready` is never awaited (the caller owns the writer).
+        alone_cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1",
+                                   matchmaking=MatchmakingConfig(window=1, min_group_size=2))
+        alone = Averager(dhts[0], alone_cfg)
+        called: list[bool] = []
+
+        async def never() -> None:
+            called.append(True)
+
+        try:
+            r = alone.average(1, "fp-alone", torch.zeros(10), 1.0, expected_size=lambda: 2, ready=never)
+        finally:
+            alone.close()
+        assert r.status == "failed" and called == [], (r, called)
+    finally:
+        for a in avs:
+            a.close()
+        for d in [*dhts, boot]:
+            d.shutdown()

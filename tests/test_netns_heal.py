@@ -4,7 +4,9 @@ peers complete rounds together and agree. Before re-discovery, two peers at the 
 and digest never met again after such a cut (138 failed attempts each)."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 
 import pytest
@@ -54,6 +56,39 @@ def test_a_20s_link_cut_heals(procs):
                   for n in ("a", "b")]
         assert torch.equal(thetas[0], thetas[1]), f"a and b disagree after round {r}"
         for p in (a, b, boot):
+            assert p.poll() is None, procs.log(p)[-3000:]
+    finally:
+        procs.kill_all()
+        wan.close()
+
+
+@pytest.mark.timeout(400)
+def test_three_cli_peers_in_namespaces_form_full_groups_and_outlive_their_bootstrap_node(procs):
+    """Issue 16: 3 `swarm-peer` processes, each in its own namespace (198.18.0.0/15, 100
+    Mbit/s) and each told only the bootstrap node's address, average in groups of 3; when the
+    bootstrap node is SIGKILLed they go on in groups of 3 among themselves. For that they
+    must reach each other's DHT nodes directly, which p2pd alone cannot arrange for these
+    addresses (it keeps only public addresses of peers that connect from non-private ones):
+    each peer dials the others with the addresses in their membership records."""
+    wan = Wan("sw3", 4)
+    try:
+        boot, addr = procs.bootstrap(host=wan.addrs[0], netns=wan.hosts[0])
+        peers = [procs.peer(f"p{i}", addr, "--swarm.host", wan.addrs[i], "--model.n-embd", "64", "--model.n-layer", "1",
+                            "--sync.every-steps", "0", "--sync.every-seconds", "3", "--sync.matchmaking-window", "10",
+                            netns=wan.hosts[i]) for i in (1, 2, 3)]
+        for p in peers:  # (the first rounds may be of 2: the peers start one after another)
+            wait_for(lambda p=p: len(re.findall(r"complete: 3 peers", procs.log(p))) >= 3, 240, "3 rounds of 3 peers", p)
+        os.killpg(boot.pid, signal.SIGKILL)  # the node and its p2pd: its DHT records are gone with it
+        boot.wait(timeout=30)
+        after = [len(procs.log(p)) for p in peers]
+
+        def rounds_since(i: int) -> set[int]:
+            return set(map(int, re.findall(r"round (\d+) complete: 3 peers", procs.log(peers[i])[after[i]:])))
+
+        common = wait_for(lambda: len(rounds_since(0) & rounds_since(1) & rounds_since(2)) >= 3, 120,
+                          "3 more rounds of all 3 peers without the bootstrap node", peers[0])
+        assert common
+        for p in peers:
             assert p.poll() is None, procs.log(p)[-3000:]
     finally:
         procs.kill_all()

@@ -214,6 +214,10 @@ def weighted_allreduce(
     out = out.reshape(-1)
     comp = Compression.named(codec) if isinstance(codec, str) else codec
     agg = aggregator or AggregatorConfig()
+    if comp.codec.sparse:  # top-k contributions do not add up part-wise: all-gathered instead
+        from .allgather import sparse_allreduce
+        return sparse_allreduce(group, delta, weight, host=host, timeout_s=timeout_s, comp=comp, agg=agg, tamper=tamper,
+                                secret=secret, out=out)
     if not (comp.codec.lossless and trusted and agg.name == "mean" and tamper is None):
         return _partwise_allreduce(group, delta, weight, host=host, timeout_s=timeout_s, comp=comp,
                                    chunk=pipeline_chunk or (PIPELINE_CHUNK // 4 if comp.codec.lossless else PIPELINE_CHUNK),
@@ -275,6 +279,45 @@ GLOO_THREADS = 4
 WINDOW = 4
 
 
+def declare(pg: dist.ProcessGroupGloo, group: Group, weight: float, numel: int, secret: Credential | None,
+            rejected: list[tuple[str, str]]) -> tuple[tuple[float, ...], list[int], int]:
+    """Phase 1 of a checked round: all-gather every member's metadata row [w, declared size,
+    credential votes for each member], in fp64 (sizes stay exact), one row per member (so no
+    member can write into another's entries). Completes only if every member takes part.
+
+    Returns (every member's weight, the *valid* ranks, the agreed size). Every member computes
+    the same from the same table, so the collectives after it stay consistent: the size most
+    members declare; a member is valid if it declared it, a positive finite weight and, in a
+    private run, a majority vouches for it (an outsider vouching for itself, and against
+    everyone else, is outvoted). The others are appended to `rejected`, with the reason.
+    Raises RuntimeError (gloo) if a member is gone.
+    """
+    n = group.size
+    meta = torch.zeros(2 + n, dtype=torch.float64)
+    meta[0], meta[1] = weight, numel
+    if secret is not None:  # each member vouches for the members whose tag it can verify
+        meta[2:] = torch.tensor(_check_credentials(pg, group, secret), dtype=torch.float64)
+    rows = [torch.empty(2 + n, dtype=torch.float64) for _ in range(n)]
+    pg.allgather([rows], [meta]).wait()
+    table = torch.stack(rows)  # [n, 2 + n]: row i is what member i declared
+    weights = tuple(float(w) for w in table[:, 0])
+    declared = [float(v) for v in table[:, 1]]
+    votes = table[:, 2:].sum(0)
+    sizes = Counter(int(v) if math.isfinite(v) else -1 for v in declared)
+    size = min(sizes, key=lambda v: (-sizes[v], v))  # the size most members declare
+    valid = []
+    for i in range(n):
+        if secret is not None and 2 * float(votes[i]) <= n:
+            rejected.append((group.members[i], "no valid credential for this private run"))
+        elif not (math.isfinite(declared[i]) and int(declared[i]) == size and size > 0):
+            rejected.append((group.members[i], f"wrong size {declared[i]:.0f} (expected {size})"))
+        elif not (0 < weights[i] < math.inf):
+            rejected.append((group.members[i], f"invalid weight {weights[i]}"))
+        else:
+            valid.append(i)
+    return weights, valid, size
+
+
 def _partwise_allreduce(
     group: Group, delta: torch.Tensor, weight: float, *, host: str, timeout_s: float, comp: Compression, chunk: int,
     agg: AggregatorConfig, tamper: Tamper | None, secret: Credential | None = None, out: torch.Tensor,
@@ -287,10 +330,6 @@ def _partwise_allreduce(
     if not lossless:  # fp32 needs no error-feedback residuals
         comp.ensure(P)
         assert comp.contrib is not None and comp.mean is not None
-    # This member's metadata row: [w, declared size, credential votes for each member (n)].
-    # All-gathered, not summed, so no member can write into another member's entries; fp64 keeps sizes exact.
-    meta = torch.zeros(2 + n, dtype=torch.float64)
-    meta[0], meta[1] = weight, P if tamper is None else tamper.declared_numel(P)
     # What goes out. fp32 sends Δ itself, unscaled: for an fp32 CPU vector that is a view, so
     # nothing is copied, and the owner of a part multiplies by the weights that every member
     # declared in the metadata (the same bytes everywhere). A compressed codec sends w·Δ,
@@ -308,7 +347,7 @@ def _partwise_allreduce(
         return piece if scale == 1.0 else torch.mul(piece, scale)
 
     pending: list = []  # error-feedback residuals, committed only if the round completes
-    sent = (n - 1) * meta.numel() * 8
+    sent = (n - 1) * (2 + n) * 8  # the metadata rows
     weights: tuple[float, ...] = ()
     rejected: list[tuple[str, str]] = []
 
@@ -320,33 +359,10 @@ def _partwise_allreduce(
     pg = None
     try:
         pg = make_gloo_group(group, host=host, timeout_s=timeout_s)
-        if secret is not None:  # each member vouches for the members whose tag it can verify
-            meta[2:] = torch.tensor(_check_credentials(pg, group, secret), dtype=torch.float64)
-        rows = [torch.empty(2 + n, dtype=torch.float64) for _ in range(n)]
-        pg.allgather([rows], [meta]).wait()  # completes only if every member takes part
+        weights, valid, size = declare(pg, group, weight, P if tamper is None else tamper.declared_numel(P),
+                                       secret, rejected)
         if tamper is not None:
             tamper.transfer_started()
-        table = torch.stack(rows)  # [n, 2 + n]: row i is what member i declared
-        weights = tuple(float(w) for w in table[:, 0])
-        declared = [float(v) for v in table[:, 1]]
-        # A member is authorized if a majority vouches for it: an outsider vouching for itself
-        # (and against everyone else) is outvoted, and every member reads the same table.
-        votes = table[:, 2:].sum(0)
-        unauthorized = [group.members[i] for i in range(n) if secret is not None and 2 * float(votes[i]) <= n]
-        # Every member computes the same valid set from the same table, so the collectives
-        # below stay consistent: excluded members send and receive nothing in phase 2.
-        sizes = Counter(int(v) if math.isfinite(v) else -1 for v in declared)
-        size = min(sizes, key=lambda v: (-sizes[v], v))  # the size most members declare
-        valid = []
-        for i in range(n):
-            if group.members[i] in unauthorized:
-                rejected.append((group.members[i], "no valid credential for this private run"))
-            elif not (math.isfinite(declared[i]) and int(declared[i]) == size and size > 0):
-                rejected.append((group.members[i], f"wrong size {declared[i]:.0f} (expected {size})"))
-            elif not (0 < weights[i] < math.inf):
-                rejected.append((group.members[i], f"invalid weight {weights[i]}"))
-            else:
-                valid.append(i)
         if r in valid and size != P:  # cannot happen for an honest peer; a guard against misuse
             return failed(f"this peer's update has {P} values but the group agreed on {size}")
         if size != P:  # excluded with the wrong size: nothing of ours goes out, nothing comes back to us

@@ -35,7 +35,9 @@ class Averager:
         self.dht = dht
         self.cfg = cfg
         self.tamper = tamper
-        self.compression = Compression.named(cfg.codec)  # error-feedback state lives across rounds
+        # Error-feedback state lives across rounds, one per stream: the fragments a streaming
+        # peer syncs in turn each keep their own residual (peer.rounds, sync.fragments).
+        self._compressions: dict[int, Compression] = {}
         self.strikes: Counter[str] = Counter()  # rounds in which a peer's contribution was rejected
         self.banned: set[str] = set()  # shared with the matchmaker: never grouped with again
         self.matchmaker = Matchmaker(
@@ -46,15 +48,26 @@ class Averager:
     def average(
         self, round_: int, fingerprint: str, delta: torch.Tensor, weight: float, expected_size: Callable[[], int],
         *, refill: Callable[[], object] | None = None, ready: Callable[[], Awaitable[object]] | None = None,
+        stream: int = 0,
     ) -> RoundResult:
         """`average_async`, blocking the calling thread (which must not run an event loop)."""
         return asyncio.run(self.average_async(round_, fingerprint, delta, weight, expected_size, refill=refill,
-                                              ready=ready))
+                                              ready=ready, stream=stream))
+
+    @property
+    def compression(self) -> Compression:
+        """The codec and error-feedback state of stream 0 (the whole vector, without fragments)."""
+        return self.compression_of(0)
+
+    def compression_of(self, stream: int) -> Compression:
+        if stream not in self._compressions:
+            self._compressions[stream] = Compression.named(self.cfg.codec)
+        return self._compressions[stream]
 
     async def average_async(
         self, round_: int, fingerprint: str, delta: torch.Tensor, weight: float,
         expected_size: Callable[[], int | Awaitable[int]], *, refill: Callable[[], object] | None = None,
-        ready: Callable[[], Awaitable[object]] | None = None,
+        ready: Callable[[], Awaitable[object]] | None = None, stream: int = 0,
     ) -> RoundResult:
         """Meet the peers at `round_` and average `delta` with them.
 
@@ -79,12 +92,16 @@ class Averager:
         byte of `delta` is read. If matchmaking fails it is not awaited: the caller owns the
         writer and must let it finish before it reuses the buffer.
 
+        `stream`: whose error-feedback residual a lossy codec uses (a streaming peer averages
+        one fragment of its parameters per round, each with its own residual).
+
         Failure behaviour: never raises for network faults; returns a `failed` RoundResult
         within about 2 × (window + join_timeout + 2·allreduce_timeout) seconds.
         """
         t0 = time.monotonic()
         out = delta if refill is not None else None
-        result, group = await self._attempt(round_, fingerprint, delta, weight, expected_size, out, ready)
+        comp = self.compression_of(stream)
+        result, group = await self._attempt(round_, fingerprint, delta, weight, expected_size, out, ready, comp)
         if not result.ok and group is not None and group.size >= 3 and not group.is_client:
             survivors = group.size - 1
             log.info("round %d: a member failed mid-round (%s); retrying at once with the others", round_, result.error)
@@ -97,7 +114,7 @@ class Averager:
             if refill is not None:
                 await asyncio.to_thread(refill)
             retry, _ = await self._attempt(round_, f"{fingerprint}.retry-{group.prefix.split('/')[1]}", delta, weight,
-                                           fewer, out)
+                                           fewer, out, None, comp)
             result = dataclasses.replace(retry, bytes_sent=retry.bytes_sent + result.bytes_sent)
         # Report the whole round's duration, matchmaking (and a retry) included.
         return dataclasses.replace(result, duration_s=time.monotonic() - t0)
@@ -105,7 +122,7 @@ class Averager:
     async def _attempt(
         self, round_: int, topic: str, delta: torch.Tensor, weight: float,
         expected_size: Callable[[], int | Awaitable[int]], out: torch.Tensor | None = None,
-        ready: Callable[[], Awaitable[object]] | None = None,
+        ready: Callable[[], Awaitable[object]] | None = None, comp: Compression | None = None,
     ) -> tuple[RoundResult, Group | None]:
         """One matchmaking (among the peers declaring `topic`) + all-reduce; the group, if one formed."""
         t0 = time.monotonic()
@@ -115,11 +132,12 @@ class Averager:
             return RoundResult(round_, "failed", (self.dht.peer_id,), (), time.monotonic() - t0, 0, str(e)), None
         if ready is not None:  # the group waits for us here: Δ is (nearly) written by now
             await ready()
-        result = await asyncio.to_thread(self._reduce, group, delta, weight, out)
+        result = await asyncio.to_thread(self._reduce, group, delta, weight, out, comp or self.compression)
         self._strike(result)
         return dataclasses.replace(result, transfer_s=result.duration_s), group
 
-    def _reduce(self, group: Group, delta: torch.Tensor, weight: float, out: torch.Tensor | None = None) -> RoundResult:
+    def _reduce(self, group: Group, delta: torch.Tensor, weight: float, out: torch.Tensor | None = None,
+                comp: Compression | None = None) -> RoundResult:
         """The all-reduce of a formed group (blocking: gloo collectives and store waits)."""
         timeout = self.cfg.allreduce_timeout
         need = self.cfg.aggregator.min_members
@@ -135,24 +153,26 @@ class Averager:
             uploads = collect_clients(group, delta.numel(), timeout_s=self.cfg.matchmaking.join_timeout)
             total = weight + sum(w for _, w, _ in uploads)
             combined = (delta.detach().reshape(-1).cpu().float() * weight + sum(x for _, _, x in uploads)) / total
-            result = self._allreduce(group, combined, total)
+            result = self._allreduce(group, combined, total, comp=comp)
             included = [pid for pid, _, _ in uploads]
             # Report the clients whose contributions went in as members of the round.
             result = dataclasses.replace(result, members=result.members + tuple(included),
                                          mean_delta=None if result.mean_delta is None else result.mean_delta.to(delta.device))
             publish_to_clients(group, result, included)
             return result
-        return self._allreduce(group, delta, weight, out)
+        return self._allreduce(group, delta, weight, out, comp=comp)
 
-    def _allreduce(self, group: Group, delta: torch.Tensor, weight: float, out: torch.Tensor | None = None) -> RoundResult:
+    def _allreduce(self, group: Group, delta: torch.Tensor, weight: float, out: torch.Tensor | None = None, *,
+                   comp: Compression | None = None) -> RoundResult:
+        comp = comp or self.compression
         cap = max(2, self.cfg.matchmaking.max_group_size)  # a "subgroup" of 1 would average nothing
         if group.size > cap:  # more peers than one group holds: subgroups, combined exactly
             return hierarchical_allreduce(group, delta, weight, cap=cap, host=self.cfg.announce_host,
-                                          timeout_s=self.cfg.allreduce_timeout, codec=self.compression,
+                                          timeout_s=self.cfg.allreduce_timeout, codec=comp,
                                           aggregator=self.cfg.aggregator, trusted=self.cfg.trusted, tamper=self.tamper,
                                           secret=self.cfg.secret)
         return weighted_allreduce(group, delta, weight, host=self.cfg.announce_host, timeout_s=self.cfg.allreduce_timeout,
-                                  codec=self.compression, aggregator=self.cfg.aggregator, trusted=self.cfg.trusted,
+                                  codec=comp, aggregator=self.cfg.aggregator, trusted=self.cfg.trusted,
                                   tamper=self.tamper, secret=self.cfg.secret, out=out)
 
     def _strike(self, result: RoundResult) -> None:
@@ -170,7 +190,7 @@ class Averager:
 
     def reset_compression(self) -> None:
         """Forget error-feedback residuals (after adopting a downloaded state they are stale)."""
-        self.compression = Compression.named(self.cfg.codec)
+        self._compressions.clear()
 
     def close(self) -> None:
         self.matchmaker.close()

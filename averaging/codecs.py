@@ -5,6 +5,8 @@
     bf16   2 bytes/value, ~4e-3 relative error, fp32's range
     int8   1 byte/value + one fp32 scale per block of 1024 values (0.4% overhead):
            blockwise absmax quantization, error ≤ absmax(block)/254 per value
+    sparse 0.125 bits/value: top-32 of every 4096 values, 2 bits each, 12-bit positions
+           (sparse.py); aggregated by all-gather, not reduce-scatter (allgather.py)
 
 Pure functions on CPU tensors; no network. `ErrorFeedback` carries each round's
 quantization error into the next round, so that over rounds nothing is lost: the running
@@ -21,7 +23,7 @@ import torch
 
 from .config import CODECS
 
-CodecName = Literal["fp32", "fp16", "bf16", "int8"]
+CodecName = Literal["fp32", "fp16", "bf16", "int8", "sparse"]
 BLOCK = 1024
 
 
@@ -39,7 +41,15 @@ class Codec:
             return 4 * n
         if self.name in ("fp16", "bf16"):
             return 2 * n
+        if self.name == "sparse":
+            from . import sparse
+            return sparse.wire_bytes(n)
         return 4 * math.ceil(n / BLOCK) + n  # int8: scales, then values
+
+    @property
+    def sparse(self) -> bool:
+        """Contributions do not add up part-wise: aggregated by all-gather (allgather.py)."""
+        return self.name == "sparse"
 
     @property
     def lossless(self) -> bool:
@@ -61,6 +71,9 @@ class Codec:
         if self.name == "bf16":
             b = x.to(torch.bfloat16)
             return b.view(torch.uint8), b.to(torch.float32)
+        if self.name == "sparse":
+            from . import sparse
+            return sparse.encode_decoded(x)
         n = x.numel()
         nb = math.ceil(n / BLOCK)
         if n == nb * BLOCK:
@@ -79,6 +92,9 @@ class Codec:
         """uint8 [wire_bytes(n)] → fp32 [n]. Raises CodecError on malformed input."""
         if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != self.wire_bytes(n):
             raise CodecError(f"{self.name}: expected {self.wire_bytes(n)} bytes for {n} values, got {data.numel()}")
+        if self.name == "sparse":
+            from . import sparse
+            return sparse.decode(data, n)
         if n == 0:
             return torch.empty(0, dtype=torch.float32)
         if data.storage_offset() % 4 or not data.is_contiguous():

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from .access import Credential
 
-# Wire codecs (codecs.py): fp32 (exact), fp16, bf16, int8 (blockwise absmax).
-CODECS = ("fp32", "fp16", "bf16", "int8")
+# Wire codecs (codecs.py): fp32 (exact), fp16, bf16, int8 (blockwise absmax), sparse (top-k
+# of 1/128 of the values at 2 bits, all-gathered: sparse.py, allgather.py).
+CODECS = ("fp32", "fp16", "bf16", "int8", "sparse")
 
 AggregatorName = Literal["mean", "trimmed_mean", "centered_clip"]
 AGGREGATORS = ("mean", "trimmed_mean", "centered_clip")
@@ -157,7 +158,8 @@ class AveragerConfig:
     announce_host: str = "127.0.0.1"
     # Rendezvous and transfer timeout, in seconds; a dead peer fails the round within it.
     allreduce_timeout: float = 60.0
-    # Wire codec: fp32 (exact), fp16, bf16, or int8 (blockwise absmax, with error feedback).
+    # Wire codec: fp32 (exact), fp16, bf16, int8 (blockwise absmax) or sparse (top-k, 2 bits);
+    # the lossy ones with error feedback.
     codec: str = "fp32"
     # Behind NAT: never listen; average through the group leader (see relay.py).
     client_mode: bool = False

@@ -142,16 +142,39 @@ class OuterOptimizer:
             raise ValueError(f"parameters have {o} values, θ_sync has {self.numel}")
         return out
 
+    @torch.no_grad()
+    def pseudo_gradient_range_(self, theta_local: torch.Tensor, out: torch.Tensor, start: int) -> torch.Tensor:
+        """out ← θ_sync[start : start + n] − theta_local, for a flat fp32 host slice of n values
+        (a streaming peer's fragment), chunk by chunk."""
+        n = theta_local.numel()
+        if start < 0 or start + n > self.numel or out.numel() != n:
+            raise ValueError(f"range [{start}, {start + n}) does not fit θ_sync ({self.numel}) or out ({out.numel()})")
+        for s in range(0, n, CHUNK):
+            e = min(n, s + CHUNK)
+            torch.sub(self.theta_sync[start + s : start + e], theta_local[s:e], out=out[s:e])
+        return out
+
     def pseudo_gradient(self, theta_local: torch.Tensor) -> torch.Tensor:
         """Δ = θ_sync − θ_local, fp32 [P], in a new tensor."""
         return self.pseudo_gradient_(theta_local, torch.empty(self.numel, dtype=torch.float32))
 
-    def apply(self, mean_delta: torch.Tensor) -> torch.Tensor:
-        """Apply the outer step with the group-averaged Δ̄ (clobbered: used as scratch); returns θ_sync."""
-        first = self.momentum_buf is None
-        if first and self.cfg.momentum != 0:
+    def apply(self, mean_delta: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Apply the outer step with the group-averaged Δ̄ (clobbered: used as scratch) to
+        θ_sync[start : start + len(Δ̄)] (all of it by default; a fragment for a streaming peer);
+        returns θ_sync. Momentum is per coordinate, so a fragment's step is the same as its
+        part of a whole-vector step."""
+        n = mean_delta.numel()
+        if start < 0 or start + n > self.numel:
+            raise ValueError(f"range [{start}, {start + n}) does not fit θ_sync ({self.numel})")
+        whole = start == 0 and n == self.numel
+        first = self.momentum_buf is None and whole
+        if self.momentum_buf is None and self.cfg.momentum != 0:
+            # A fragment's first step starts from b = 0: μ·0 + Δ̄ is exactly Δ̄, torch.optim.SGD's b₁.
             self.momentum_buf = host_buffer(self.numel, pin=self.pin)
-        outer_step_(self.theta_sync, mean_delta.to("cpu"), self.momentum_buf, self.cfg, first=first)
+            if not whole:
+                self.momentum_buf.zero_()
+        b = None if self.momentum_buf is None else self.momentum_buf[start : start + n]
+        outer_step_(self.theta_sync[start : start + n], mean_delta.to("cpu"), b, self.cfg, first=first)
         return self.theta_sync
 
     def state_dict(self) -> dict:

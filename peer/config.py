@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 import multiaddr
 
-from averaging.config import AggregatorConfig, AveragerConfig, MatchmakingConfig, OuterConfig, check_group_sizes
+from averaging.config import CODECS, AggregatorConfig, AveragerConfig, MatchmakingConfig, OuterConfig, check_group_sizes
 
 from .configlib import doc
 from .progress import LogConfig
@@ -239,8 +239,11 @@ class SyncConfig:
     max_stale_rounds: int = doc(4, "a peer that missed rounds carries its local progress onto the swarm's newer state "
                                    "if it is at most this many rounds stale (0 = drop it), and averages it next round")
     overlap: bool = doc(False, "keep training while a round's all-reduce runs; apply its outer step one round late")
-    compression: Literal["fp32", "fp16", "bf16", "int8"] = doc(
-        "fp32", "wire codec: fp32 exact; fp16/bf16 half the bytes; int8 a quarter (with error feedback)")
+    fragments: int = doc(1, "streaming: split the parameters into this many fragments and average one per sync point, "
+                            "in turn, while training goes on (implies overlap; set H to the period / fragments)")
+    compression: Literal["fp32", "fp16", "bf16", "int8", "sparse"] = doc(
+        "fp32", "wire codec: fp32 exact; fp16/bf16 half the bytes; int8 a quarter; sparse 1/256 (top-k, 2 bits; "
+        "lossy ones with error feedback)")
     aggregator: Literal["mean", "trimmed_mean", "centered_clip"] = doc(
         "mean", "how each part is reduced: mean (weighted), or robust to hostile peers: trimmed_mean, centered_clip")
     trim: float = doc(0.2, "trimmed_mean: fraction of values dropped at EACH end, per coordinate (0 <= trim < 0.5)")
@@ -263,13 +266,17 @@ class SyncConfig:
             raise ValueError(f"allreduce_timeout must be > 0, got {self.allreduce_timeout}")
         if not self.serve_rate_mb_s >= 0:
             raise ValueError(f"serve_rate_mb_s must be >= 0 (0 = no cap), got {self.serve_rate_mb_s}")
-        if self.compression not in ("fp32", "fp16", "bf16", "int8"):
-            raise ValueError(f"compression must be fp32, fp16, bf16 or int8, got {self.compression!r}")
+        if self.compression not in CODECS:
+            raise ValueError(f"compression must be {', '.join(CODECS[:-1])} or {CODECS[-1]}, got {self.compression!r}")
         check_group_sizes(self.aggregation(), self.matchmaking())  # validates aggregator, trim, clip_*; sizes fit it
         if self.ban_after < 1:
             raise ValueError(f"ban_after must be >= 1, got {self.ban_after}")
         if self.max_stale_rounds < 0:
             raise ValueError(f"max_stale_rounds must be >= 0, got {self.max_stale_rounds}")
+        if not 1 <= self.fragments <= 64:
+            raise ValueError(f"fragments must be between 1 and 64, got {self.fragments}")
+        if self.fragments > 1:  # a fragment's round always runs while the others train
+            self.overlap = True
 
     def outer(self) -> OuterConfig:
         return OuterConfig(lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov)

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from averaging.allreduce import RoundResult
+from averaging.codecs import partition
 from averaging.averager import Averager
 from averaging.dht import SwarmDHT, dht_time
 from averaging.errors import StateError
@@ -122,7 +123,7 @@ class RoundLoop:
         # the next round's weight is samples_since_sync − _stale_cut.
         self._stale_cut = 0.0
         # Overlap mode: the round running on the peer's event loop while training goes on.
-        self._in_flight: tuple[Future, torch.Tensor] | None = None
+        self._in_flight: tuple[Future, torch.Tensor, tuple[int, int]] | None = None
         self._loop: PeerLoop | None = None  # the peer's event loop: every round runs on it
         self.ckpt = ckpt
         self._on_state = on_state
@@ -214,7 +215,8 @@ class RoundLoop:
         finally:
             self.clock.end_wait()
 
-    async def _round(self, fill: Callable[[], torch.Tensor], weight: float, round_: int, key: str) -> RoundResult:
+    async def _round(self, fill: Callable[[], torch.Tensor], weight: float, round_: int, key: str,
+                     span: tuple[int, int] | None = None) -> RoundResult:
         """One round on the peer's loop: wait for joiners, then matchmaking + all-reduce of Δ,
         which `fill()` writes into the round buffer (and returns). The all-reduce works in that
         buffer: a complete round's mean_delta is it. Cancellable at any wait (the round is then
@@ -233,10 +235,12 @@ class RoundLoop:
             await asyncio.shield(filling)  # (a cancelled round still lets the writer finish: below)
             self._local_s += time.monotonic() - t0
 
+        lo, hi = span or (0, self.outer.numel)  # streaming: this round's fragment of the parameters
         try:
-            result = await self._averager.average_async(round_, key, self.outer.round_buffer(), weight,
+            result = await self._averager.average_async(round_, key, self.outer.round_buffer()[lo:hi], weight,
                                                         self.expected_group_size_async,
-                                                        refill=functools.partial(self._timed, fill), ready=ready)
+                                                        refill=functools.partial(self._timed, fill), ready=ready,
+                                                        stream=self.fragment_of(round_)[0])
         finally:  # matchmaking failed or the round was cancelled before `ready`: the next round
             if not filling.done():  # reuses the buffer, so its writer must be done first
                 await asyncio.wait([filling])
@@ -275,10 +279,11 @@ class RoundLoop:
                 said = True
             await asyncio.sleep(0.2)
 
-    def _finish_round(self, result: RoundResult, snap: torch.Tensor | None) -> None:
+    def _finish_round(self, result: RoundResult, snap: torch.Tensor | None, span: tuple[int, int] | None = None) -> None:
         """Apply a round's result. `snap` (overlap mode) is θ_local when the round started: local
         progress made since then is kept on top of the new θ_sync. Without it, the parameters
-        are θ_local (training waited) and become the new θ_sync."""
+        are θ_local (training waited) and become the new θ_sync. `span` (streaming): the
+        fragment [lo, hi) of the flat parameters the round averaged; the rest is untouched."""
         c = self.counters
         if self._loss_t is not None:
             self.last_loss = float(self._loss_t)
@@ -305,15 +310,16 @@ class RoundLoop:
         assert result.mean_delta is not None
         t_local = time.monotonic()
         _ = self.digest  # (computed long ago: the round's meeting key needed it) θ_sync changes now
+        lo, hi = span or (0, self.outer.numel)
         with self.state_lock:  # in place: Δ̄ (the round buffer) is the step's scratch
-            theta = self.outer.apply(result.mean_delta)
+            theta = self.outer.apply(result.mean_delta, start=lo)
             # a new state object at once: a stream of the old one stops at its next chunk
             self.state = SwarmState(self.round + 1, self.fingerprint, theta, self.outer.momentum_buf,
                                     self.counters.total_samples)
         if snap is None:
             self._write_params(lambda s, e: theta[s:e])
         else:  # θ_local ← θ_sync + (θ_local − snap), evaluated as θ_local + (θ_sync − snap), one tensor at a time
-            self._write_params(lambda s, e: theta[s:e] - snap[s:e], add=True)
+            self._write_params(lambda s, e: theta[s:e] - snap[s:e], add=True, span=(lo, hi))
         self.round += 1
         c.rounds_ok += 1
         c.samples_averaged += min(self._weight_in_flight, c.samples_since_sync)
@@ -344,11 +350,14 @@ class RoundLoop:
         if self._snap is None:
             self._snap = torch.empty(self.outer.numel, dtype=torch.float32, pin_memory=self.outer.pin)
         snap = self._snap
-        self._read_params(snap)
-        fill = functools.partial(self.outer.pseudo_gradient_, snap, self.outer.round_buffer())
+        _, span = self.fragment_of(self.round)
+        lo, hi = span
+        self._read_params(snap, span=span)
+        buf = self.outer.round_buffer()
+        fill = functools.partial(self.outer.pseudo_gradient_range_, snap[lo:hi], buf[lo:hi], lo)
         self._weight_in_flight = max(self.counters.samples_since_sync, 1)
-        self._in_flight = (self._loop.submit(self._round(fill, self._weight(), self.round, self.meeting_key()),
-                                             f"round {self.round + 1}"), snap)
+        self._in_flight = (self._loop.submit(self._round(fill, self._weight(), self.round, self.meeting_key(), span),
+                                             f"round {self.round + 1}"), snap, span)
         self.schedule.done(True)  # the next sync point is a full period away
         return result
 
@@ -356,33 +365,53 @@ class RoundLoop:
         """Wait for the round in flight (if any) and apply it."""
         if self._in_flight is None:
             return None
-        future, snap = self._in_flight
+        future, snap, span = self._in_flight
         self._in_flight = None
         result = future.result()  # bounded: the averager's own timeouts
-        self._finish_round(result, snap)
+        self._finish_round(result, snap, span)
         return dataclasses.replace(result, mean_delta=None)
 
     # ------------------------------------------------------------------ parameters
-    @torch.no_grad()
-    def _write_params(self, values: Callable[[int, int], torch.Tensor], add: bool = False) -> None:
-        """Each parameter p (flat range [s, e)) ← values(s, e) (fp32 on the host), or += with
-        `add`: one parameter-sized temporary at a time, never a flat copy of the model."""
+    def fragment_of(self, round_: int) -> tuple[int, tuple[int, int]]:
+        """Streaming (`sync.fragments` F): the fragment f = round mod F that round `round_`
+        averages, and its range [lo, hi) of the flat parameters (F contiguous ranges whose
+        sizes differ by at most one). Every peer at a round averages the same fragment, so a
+        fragment is averaged every F rounds, and each round moves 1/F of the bytes."""
+        f = round_ % self.config.sync.fragments
+        return f, partition(self.outer.numel, self.config.sync.fragments)[f]
+
+    def _pieces(self, span: tuple[int, int] | None):
+        """(parameter, flat view of it, [a, b) in the flat vector) for each parameter's overlap with span."""
+        lo, hi = span or (0, self.outer.numel)
         o = 0
         for p in self.params:
-            v = values(o, o + p.numel()).view_as(p).to(p.device)
-            if add:  # in fp32 whatever p's dtype (for fp32 p, in place)
-                p.copy_(p.to(torch.float32).add_(v))
-            else:
-                p.copy_(v)
+            a, b = max(o, lo), min(o + p.numel(), hi)
+            if a < b:
+                yield p, a - o, a, b
             o += p.numel()
 
     @torch.no_grad()
-    def _read_params(self, out: torch.Tensor) -> None:
-        """out [P] fp32 (host) ← the parameters, one at a time."""
-        o = 0
-        for p in self.params:
-            out[o : o + p.numel()].copy_(p.detach().reshape(-1))
-            o += p.numel()
+    def _write_params(self, values: Callable[[int, int], torch.Tensor], add: bool = False,
+                      span: tuple[int, int] | None = None) -> None:
+        """Each parameter p (flat range [s, e)) ← values(s, e) (fp32 on the host), or += with
+        `add`: one parameter-sized temporary at a time, never a flat copy of the model.
+        `span`: only the values in that flat range."""
+        for p, off, a, b in self._pieces(span):
+            flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()  # (a non-contiguous one: copied back)
+            v = values(a, b).to(p.device)
+            dst = flat[off : off + b - a]
+            if add:  # in fp32 whatever p's dtype (for fp32 p, in place)
+                dst.copy_(dst.to(torch.float32).add_(v))
+            else:
+                dst.copy_(v)
+            if not p.is_contiguous():
+                p.copy_(flat.view_as(p))
+
+    @torch.no_grad()
+    def _read_params(self, out: torch.Tensor, span: tuple[int, int] | None = None) -> None:
+        """out [P] fp32 (host) ← the parameters (in `span` only, if given), one at a time."""
+        for p, off, a, b in self._pieces(span):
+            out[a:b].copy_(p.detach().reshape(-1)[off : off + b - a])
 
     # ------------------------------------------------------------------ state
     def set_state(self, state: SwarmState, *, background: bool = False) -> None:

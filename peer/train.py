@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -94,6 +95,7 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
             "val_loss_by_samples": val_by_samples, "digest": peer.digest,
             "bytes_sent": peer.bytes_sent, "wall_s": round(time.monotonic() - t_start, 2),
             "sync_wait_s": round(peer.sync_wait_s, 2),
+            "round_s_mean": round(statistics.mean([h.duration_s for h in peer.history if h.ok] or [0.0]), 3),
             "compute_utilization": round(1 - peer.sync_wait_s / max(time.monotonic() - t_train, 1e-9), 4),
             "interrupted": stop.is_set(),
         }

@@ -40,6 +40,7 @@ def _train_two(run_id: str, sync: SyncConfig, *, rounds: int, max_steps: int, sa
                 cfg = PeerConfig(swarm=SwarmConfig(run_id=run_id, initial_peers=addr, host="127.0.0.1"), sync=sync)
                 gen = torch.Generator().manual_seed(100 + i)  # each peer its own data
                 with Peer(model, opt, cfg) as peer:
+                    theta0 = peer.state.theta_sync.clone()
                     loss0 = nn.functional.mse_loss(model(x_val), y_val).item()
                     while peer.round < rounds and peer.local_step < max_steps:
                         x = torch.randn(32, 8, generator=gen)
@@ -49,7 +50,7 @@ def _train_two(run_id: str, sync: SyncConfig, *, rounds: int, max_steps: int, sa
                     "round": peer.round, "digest": peer.digest, "loss0": loss0,
                     "loss": nn.functional.mse_loss(model(x_val), y_val).item(),
                     "params": torch.cat([p.detach().flatten() for p in model.parameters()]),
-                    "theta": peer.state.theta_sync.clone(),
+                    "theta": peer.state.theta_sync.clone(), "theta0": theta0,
                 }
             except BaseException as e:  # surface thread failures in the test
                 errors.append(e)
@@ -87,6 +88,42 @@ def test_overlap_mode_trains_and_agrees():
     assert a["round"] == b["round"] >= 4  # close() applied the round in flight on both
     assert a["digest"] == b["digest"] and torch.equal(a["theta"], b["theta"])  # bit-identical θ_sync
     assert a["loss"] < 0.5 * a["loss0"] and b["loss"] < 0.5 * b["loss0"]
+
+
+@pytest.mark.timeout(180)
+def test_streaming_fragments_stay_in_agreement_and_each_round_moves_only_its_fragment():
+    """sync.fragments 3: each round averages one third of the parameters (round r: fragment
+    r mod 3) while training goes on; both peers end at the same θ_sync, every fragment was
+    averaged, and the loss drops."""
+    from averaging.codecs import partition
+    sync = SyncConfig(every_steps=10, matchmaking_window=20, allreduce_timeout=30, fragments=3, outer_lr=1.0,
+                      outer_momentum=0.0, compression="sparse")
+    assert sync.overlap  # implied
+    a, b = _train_two("stream-test", sync, rounds=7, max_steps=800, same_init=True).values()
+    assert a["round"] == b["round"] >= 6
+    assert a["digest"] == b["digest"] and torch.equal(a["theta"], b["theta"])  # bit-identical θ_sync
+    assert a["loss"] < 0.5 * a["loss0"] and b["loss"] < 0.5 * b["loss0"]
+    for lo, hi in partition(a["theta"].numel(), 3):  # every fragment moved away from the shared start
+        assert not torch.equal(a["theta"][lo:hi], a["theta0"][lo:hi]), (lo, hi)
+
+
+def test_a_fragment_round_changes_only_its_fragment():
+    """The outer step of one fragment is the fragment's part of the whole-vector step, and
+    leaves the rest of θ_sync and the momentum as they were."""
+    from averaging.config import OuterConfig
+    from averaging.outer import OuterOptimizer
+    g = torch.Generator().manual_seed(3)
+    theta, delta = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    whole = OuterOptimizer(theta, OuterConfig())
+    whole.apply(delta.clone())
+    frag = OuterOptimizer(theta, OuterConfig())
+    for lo, hi in ((0, 300), (300, 1000)):
+        before = frag.theta_sync.clone()
+        frag.apply(delta[lo:hi].clone(), start=lo)
+        outside = torch.ones(1000, dtype=torch.bool)
+        outside[lo:hi] = False
+        assert torch.equal(frag.theta_sync[outside], before[outside])
+    assert torch.equal(frag.theta_sync, whole.theta_sync) and torch.equal(frag.momentum_buf, whole.momentum_buf)
 
 
 def _own_listeners() -> set[str]:

@@ -76,6 +76,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant(name="diloco-h200", kind="swarm", label="swarmtrain DiLoCo H=200", every=200),
     Variant(name="avg-h50", kind="swarm", label="swarmtrain plain averaging H=50", every=50, outer_lr=1.0, momentum=0.0),
     Variant(name="int8-h50", kind="swarm", label="swarmtrain DiLoCo H=50, int8", every=50, codec="int8"),
+    Variant(name="sparse-h50", kind="swarm", label="swarmtrain DiLoCo H=50, sparse (top-k 1/128, 2 bits)", every=50,
+            codec="sparse"),
 )
 # Outer-optimizer sweep at H=50, run on request (--variants ...) to choose the defaults.
 SWEEP: tuple[Variant, ...] = (

@@ -81,6 +81,9 @@ VARIANTS: tuple[Variant, ...] = (
 )
 # Outer-optimizer sweep at H=50, run on request (--variants ...) to choose the defaults.
 SWEEP: tuple[Variant, ...] = (
+    Variant(name="sparse-h10", kind="swarm", label="swarmtrain DiLoCo H=10, sparse", every=10, codec="sparse"),
+    Variant(name="sparse-h10-avg", kind="swarm", label="swarmtrain plain averaging H=10, sparse", every=10,
+            codec="sparse", outer_lr=1.0, momentum=0.0),
     Variant(name="diloco-h50-olr1.0", kind="swarm", label="DiLoCo H=50, outer lr 1.0", every=50, outer_lr=1.0),
     Variant(name="diloco-h50-olr0.4", kind="swarm", label="DiLoCo H=50, outer lr 0.4", every=50, outer_lr=0.4),
     Variant(name="diloco-h50-m0.5", kind="swarm", label="DiLoCo H=50, outer lr 0.7, momentum 0.5", every=50,

@@ -1,7 +1,7 @@
 """End to end over emulated home links: bytes per sync, compute utilization, round time and
 final loss of real swarm-peer processes, one variant per codec and schedule (issue 16).
 
-    sudo .venv/bin/python -m benchmarks.wan [--rate 100mbit] [--peers 4] [--rounds 8] [--variants ...]
+    sudo .venv/bin/python -m benchmarks.wan [--rate 100mbit] [--peers 4] [--rounds 6] [--variants ...]
 
 A bootstrap node and N peers, each in its own network namespace (198.18.0.0/15, a bridge,
 tc tbf on both directions of every link, see benchmarks/allreduce/netns.py). Every peer is
@@ -13,13 +13,13 @@ seed for the same number of rounds (H inner steps each), so the samples are the 
     sparse          blocking, the sparse codec (top-32 of 4096 values, 2 bits)
     sparse-overlap  the sparse codec, and training goes on during the round (--sync.overlap,
                     the outer step applied one round late)
-    sparse-stream   the sparse codec, streaming: the parameters in 4 fragments, one averaged
-                    every H/4 steps while training goes on (--sync.fragments 4), 4× the
+    sparse-stream   the sparse codec, streaming: the parameters in 2 fragments, one averaged
+                    every H/2 steps while training goes on (--sync.fragments 2), twice the
                     rounds, so each fragment is averaged every H steps and the samples match
 
 Reported per variant: bytes sent per peer per sync of the whole model, i.e. per H steps (the
 namespaces' eth0 tx_bytes counters, everything included: DHT, matchmaking, gloo; a streaming
-round moves a quarter of it), compute utilization (training time not
+round moves half of it) and the all-reduce payload alone (the peers' own byte counts), compute utilization (training time not
 blocked in sync, over wall time, from each peer's summary), mean round time, the share of
 rounds in which all N peers were in the group, final validation loss (mean over peers) and
 whether all peers end at the same θ_sync. Rows go to benchmarks/wan/results.jsonl and a
@@ -43,9 +43,13 @@ from pathlib import Path
 from benchmarks.allreduce import netns
 
 REPO = Path(__file__).resolve().parents[2]
-# ~3.2M parameters: a dense fp32 round at 100 Mbit/s among 4 peers moves 1.5 × 12.8 MB per
-# peer (≥ 1 s on the wire), against about 0.5 s of compute for H steps on this machine.
-MODEL = ["--model.n-embd", "256", "--model.n-layer", "4", "--model.n-head", "8", "--data.batch-size", "4"]
+# The 25M preset (25.5M parameters): a dense fp32 round at 100 Mbit/s among 4 peers moves
+# 1.5 × 102 MB per peer (14 s on the wire), against about 7 s of compute for H = 8 steps of
+# one 64-token window per peer on this 2-core machine (4 peers share it): blocking fp32
+# spends most of its time in sync.
+# (A smaller model makes the swarm's control traffic, about 0.2 MB per peer and round, the
+# larger part of a sparse round.)
+MODEL = ["--model.preset", "25M", "--model.block-size", "64", "--data.batch-size", "1"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class Variant:
 
 VARIANTS = {v.name: v for v in (Variant("fp32", "fp32"), Variant("int8", "int8"), Variant("sparse", "sparse"),
                                 Variant("sparse-overlap", "sparse", overlap=True),
-                                Variant("sparse-stream", "sparse", fragments=4))}
+                                Variant("sparse-stream", "sparse", fragments=2))}
 
 
 def wait_line(path: Path, pattern: str, proc: subprocess.Popen, timeout: float = 120) -> re.Match:
@@ -123,6 +127,7 @@ def run_variant(v: Variant, n: int, rounds: int, every: int, work: Path) -> dict
         "peers": n, "rounds": rounds, "every_steps": every,
         "bytes_per_peer_per_sync": statistics.mean(sent) / syncs,
         "bytes_per_peer_per_round": statistics.mean(sent) / rounds,
+        "payload_per_peer_per_sync": statistics.mean(s["bytes_sent"] for s in sums) / syncs,
         "utilization_mean": statistics.mean(s["compute_utilization"] for s in sums),
         "utilization_min": min(s["compute_utilization"] for s in sums),
         "round_s_mean": statistics.mean(s["round_s_mean"] for s in sums),
@@ -137,8 +142,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", default="100mbit")
     ap.add_argument("--peers", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--every-steps", type=int, default=12, help="H (a multiple of the streaming variant's 4 fragments)")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--every-steps", type=int, default=8, help="H (a multiple of the streaming variant's 2 fragments)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -159,13 +164,15 @@ def main() -> int:
     finally:
         netns.teardown()
     fp32 = next((r for r in rows if r["variant"] == "fp32"), None)
-    print("| variant | bytes per peer per sync | vs fp32 | compute utilization (mean / min) | round time | "
-          "groups of all peers | final val loss | vs fp32 | agree |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | on the wire per peer per sync | vs fp32 | all-reduce payload per peer per sync | vs fp32 | "
+          "compute utilization (mean / min) | round time | groups of all peers | final val loss | vs fp32 | agree |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fewer = f"{fp32['bytes_per_peer_per_sync'] / r['bytes_per_peer_per_sync']:.0f}× fewer" if fp32 else "–"
+        pfewer = f"{fp32['payload_per_peer_per_sync'] / r['payload_per_peer_per_sync']:.0f}× fewer" if fp32 else "–"
         dloss = f"{100 * (r['val_loss_final'] / fp32['val_loss_final'] - 1):+.1f}%" if fp32 else "–"
-        print(f"| {r['variant']} | {r['bytes_per_peer_per_sync'] / 1e6:.2f} MB | {fewer} | {r['utilization_mean']:.3f} / "
+        print(f"| {r['variant']} | {r['bytes_per_peer_per_sync'] / 1e6:.3f} MB | {fewer} | "
+              f"{r['payload_per_peer_per_sync'] / 1e6:.3f} MB | {pfewer} | {r['utilization_mean']:.3f} / "
               f"{r['utilization_min']:.3f} | {r['round_s_mean']:.2f} s | {100 * r['full_groups']:.0f}% | "
               f"{r['val_loss_final']:.3f} | {dloss} | {'yes' if r['agree'] else 'NO'} |")
     return 0

@@ -18,7 +18,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -334,15 +333,7 @@ class Rediscovery:
       - the addresses of peers it saw recently but does not see now, whenever it sees fewer
         live peers than it did within `window` seconds, or none;
       - the initial peers every `initial_every` seconds, whatever it sees (a bootstrap node
-        restarted with the same address is then found again);
-      - every live peer it has not dialed for `refresh` seconds, the first time it reads its
-        record included. p2pd learns peer addresses from libp2p's identify exchange, which
-        keeps only the public addresses of a peer that connects from an address that is not
-        loopback or private (go-libp2p v0.32 `identify.filterAddrs`). Two peers that meet
-        through a node that stripped their addresses cannot open a stream to each other
-        ("routing: not found"): their DHT records then live only on that node, and die with
-        it. Dialing with the record's addresses puts them in p2pd's peerstore (for 2 minutes
-        after a connection closes, hence the refresh). See docs/operations.md.
+        restarted with the same address is then found again).
 
     hivemind's DHT has no such loop: a node that failed to reach another drops it from its
     routing table and never looks for it again. Bound: after a link or a node comes back,
@@ -354,12 +345,11 @@ class Rediscovery:
     MAX_CONTACTS = 256
 
     def __init__(self, dht: SwarmDHT, *, initial: list[str], period: float = 5.0, window: float = 120.0,
-                 initial_every: float = 30.0, refresh: float = 60.0, contacts_file: str | None = None) -> None:
+                 initial_every: float = 30.0, contacts_file: str | None = None) -> None:
         self.dht = dht
-        self.period, self.window, self.initial_every, self.refresh = period, window, initial_every, refresh
+        self.period, self.window, self.initial_every = period, window, initial_every
         self._initial = list(initial)
         self._contacts: dict[str, tuple[float, tuple[str, ...]]] = {}  # peer id -> (last seen, maddrs)
-        self._dialed: dict[str, float] = {}  # peer id -> when this node last dialed its record's addresses
         self._counts: deque[tuple[float, int]] = deque()  # (time, live peers) over the last `window`
         self._file = Path(contacts_file) if contacts_file else None
         self._saved: set[str] = set()
@@ -411,13 +401,11 @@ class Rediscovery:
                 continue
             if r.role == "left" or not r.maddrs:
                 self._contacts.pop(pid, None)  # gone for good, or not reachable (client mode)
-                self._dialed.pop(pid, None)
             else:
                 self._contacts[pid] = (now, r.maddrs)
         if len(self._contacts) > self.MAX_CONTACTS:
             for pid, _ in sorted(self._contacts.items(), key=lambda kv: kv[1][0])[: len(self._contacts) - self.MAX_CONTACTS]:
                 del self._contacts[pid]
-                self._dialed.pop(pid, None)
         self._counts.append((now, len(live)))
         while self._counts and now - self._counts[0][0] > self.window:
             self._counts.popleft()
@@ -425,10 +413,6 @@ class Rediscovery:
         if not live or len(live) < max(n for _, n in self._counts):
             targets += [a for pid, (seen, maddrs) in self._contacts.items()
                         if pid not in live and now - seen <= self.window for a in maddrs]
-        stale = [pid for pid in live if pid in self._contacts and now - self._dialed.get(pid, -math.inf) >= self.refresh]
-        for pid in stale:  # live, but p2pd may not know where: tell it (see the class docstring)
-            self._dialed[pid] = now
-            targets += self._contacts[pid][1]
         if not live or now - self._last_initial >= self.initial_every:
             self._last_initial = now
             targets += self._initial

@@ -66,10 +66,8 @@ def test_a_20s_link_cut_heals(procs):
 def test_three_cli_peers_in_namespaces_form_full_groups_and_outlive_their_bootstrap_node(procs):
     """Issue 16: 3 `swarm-peer` processes, each in its own namespace (198.18.0.0/15, 100
     Mbit/s) and each told only the bootstrap node's address, average in groups of 3; when the
-    bootstrap node is SIGKILLed they go on in groups of 3 among themselves. For that they
-    must reach each other's DHT nodes directly, which p2pd alone cannot arrange for these
-    addresses (it keeps only public addresses of peers that connect from non-private ones):
-    each peer dials the others with the addresses in their membership records."""
+    bootstrap node is SIGKILLed they go on in groups of 3 among themselves (see
+    docs/operations.md on which addresses p2pd keeps for these ranges)."""
     wan = Wan("sw3", 4)
     try:
         boot, addr = procs.bootstrap(host=wan.addrs[0], netns=wan.hosts[0])

@@ -49,30 +49,3 @@ def test_a_restarted_bootstrap_node_is_found_again(procs):
     for p in [*peers, newcomer]:
         assert p.poll() is None, procs.log(p)[-3000:]
 
-
-class _NoDHT:
-    """Rediscovery's planning reads only this node's id (the dialing goes through the DHT)."""
-    peer_id = "QmSelf"
-
-
-def _rec(pid: str, role: str = "trainer"):
-    from peer.membership import PeerRecord
-    return PeerRecord(peer_id=pid, round=1, fingerprint="f", schema="s", digest="d", host="198.18.1.9", port=1,
-                      role=role, maddrs=(f"/ip4/198.18.1.9/tcp/4000/p2p/{pid}",))
-
-
-def test_every_peer_seen_is_dialed_with_its_records_address_and_again_after_refresh():
-    """p2pd drops the addresses of peers that connect from addresses that are neither
-    loopback nor private (go-libp2p's identify keeps only public ones), so peers that met
-    through the bootstrap node cannot reach each other unless told where: each peer is dialed
-    with its record's address as soon as it is seen, and again every `refresh` seconds."""
-    from peer.membership import Rediscovery
-    r = Rediscovery(_NoDHT(), initial=["/ip4/198.18.1.1/tcp/1/p2p/QmBoot"], refresh=60.0)
-    a, b = _rec("QmA"), _rec("QmB")
-    first = r._plan({"QmA": a, "QmSelf": _rec("QmSelf")}, now=100.0)
-    assert a.maddrs[0] in first and not any("QmSelf" in t for t in first)
-    assert r._plan({"QmA": a}, now=105.0) == []  # dialed 5 s ago: nothing to do
-    assert r._plan({"QmA": a, "QmB": b}, now=110.0) == [b.maddrs[0]]  # a newcomer, at once
-    assert a.maddrs[0] in r._plan({"QmA": a, "QmB": b}, now=161.0)  # refreshed after 60 s
-    left = r._plan({"QmA": _rec("QmA", role="left"), "QmB": b}, now=230.0)
-    assert b.maddrs[0] in left and a.maddrs[0] not in left, left  # a peer that left is not dialed again

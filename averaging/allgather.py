@@ -78,10 +78,7 @@ def sparse_allreduce(
     pg = None
     try:
         pg = make_gloo_group(group, host=host, timeout_s=timeout_s)
-        weights, valid, size = declare(pg, group, weight, P if tamper is None else tamper.declared_numel(P),
-                                       secret, rejected)
-        if tamper is not None:
-            tamper.transfer_started()
+        weights, valid, size = declare(pg, group, weight, P, secret, rejected, tamper)
         if r in valid and size != P:  # cannot happen for an honest peer; a guard against misuse
             return failed(f"this peer's update has {P} values but the group agreed on {size}")
         if not valid:

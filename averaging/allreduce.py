@@ -280,7 +280,7 @@ WINDOW = 4
 
 
 def declare(pg: dist.ProcessGroupGloo, group: Group, weight: float, numel: int, secret: Credential | None,
-            rejected: list[tuple[str, str]]) -> tuple[tuple[float, ...], list[int], int]:
+            rejected: list[tuple[str, str]], tamper: Tamper | None = None) -> tuple[tuple[float, ...], list[int], int]:
     """Phase 1 of a checked round: all-gather every member's metadata row [w, declared size,
     credential votes for each member], in fp64 (sizes stay exact), one row per member (so no
     member can write into another's entries). Completes only if every member takes part.
@@ -290,15 +290,18 @@ def declare(pg: dist.ProcessGroupGloo, group: Group, weight: float, numel: int, 
     members declare; a member is valid if it declared it, a positive finite weight and, in a
     private run, a majority vouches for it (an outsider vouching for itself, and against
     everyone else, is outvoted). The others are appended to `rejected`, with the reason.
+    `tamper` (the hostile-peer seam) may lie about `numel`, and is told when the transfer starts.
     Raises RuntimeError (gloo) if a member is gone.
     """
     n = group.size
     meta = torch.zeros(2 + n, dtype=torch.float64)
-    meta[0], meta[1] = weight, numel
+    meta[0], meta[1] = weight, numel if tamper is None else tamper.declared_numel(numel)
     if secret is not None:  # each member vouches for the members whose tag it can verify
         meta[2:] = torch.tensor(_check_credentials(pg, group, secret), dtype=torch.float64)
     rows = [torch.empty(2 + n, dtype=torch.float64) for _ in range(n)]
     pg.allgather([rows], [meta]).wait()
+    if tamper is not None:
+        tamper.transfer_started()
     table = torch.stack(rows)  # [n, 2 + n]: row i is what member i declared
     weights = tuple(float(w) for w in table[:, 0])
     declared = [float(v) for v in table[:, 1]]
@@ -359,10 +362,7 @@ def _partwise_allreduce(
     pg = None
     try:
         pg = make_gloo_group(group, host=host, timeout_s=timeout_s)
-        weights, valid, size = declare(pg, group, weight, P if tamper is None else tamper.declared_numel(P),
-                                       secret, rejected)
-        if tamper is not None:
-            tamper.transfer_started()
+        weights, valid, size = declare(pg, group, weight, P, secret, rejected, tamper)
         if r in valid and size != P:  # cannot happen for an honest peer; a guard against misuse
             return failed(f"this peer's update has {P} values but the group agreed on {size}")
         if size != P:  # excluded with the wrong size: nothing of ours goes out, nothing comes back to us

@@ -15,7 +15,7 @@ _WHERE = {
     "AveragerConfig": "config", "MatchmakingConfig": "config", "OuterConfig": "config",
     "SwarmDHT": "dht",
     "AccessError": "errors", "AllReduceError": "errors", "AveragingError": "errors", "MatchmakingError": "errors", "ModelMismatchError": "errors",
-    "NetworkError": "errors", "StateError": "errors", "SwarmError": "errors",
+    "NetworkError": "errors", "StateError": "errors", "StateMovedError": "errors", "SwarmError": "errors",
     "Group": "matchmaking", "Matchmaker": "matchmaking",
     "OuterOptimizer": "outer", "outer_step": "outer",
 }

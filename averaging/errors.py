@@ -5,6 +5,7 @@
     │   ├── MatchmakingError        no usable group: leader gone, group closed, timeouts
     │   └── AllReduceError          the transfer failed or its result failed verification
     ├── StateError                  a model state (checkpoint or download) is unusable
+    │   ├── StateMovedError         the donors moved on to a newer state during a download
     │   └── ModelMismatchError      the model's parameter schema differs from the swarm's
     ├── NetworkError                the DHT could not be started or reached
     └── AccessError                 a private run refused this peer (wrong or missing credential)
@@ -33,6 +34,11 @@ class AllReduceError(AveragingError):
 
 class StateError(SwarmError):
     """A model state (checkpoint file or downloaded state) cannot be used."""
+
+
+class StateMovedError(StateError):
+    """The donors moved on to a newer state during a download: read the records again and retry.
+    Nobody is to blame (a round ended), so no donor gets a strike for it."""
 
 
 class ModelMismatchError(StateError):

@@ -15,7 +15,7 @@ from datetime import timedelta
 from torch.distributed import TCPStore
 
 from averaging.dht import SwarmDHT
-from averaging.errors import StateError
+from averaging.errors import StateError, StateMovedError
 from averaging.flat import tensor_digest
 from peer.loop import PeerLoop
 from peer.membership import Announcer, PeerRecord, better_states, donors_for, live_peers
@@ -81,6 +81,8 @@ class Archivist:
             try:
                 state = download_state(donors, fingerprint=donors[0].fingerprint if donors else "", numel=None,
                                        timeout=self.timeout)
+            except StateMovedError:  # the swarm moved on meanwhile: the next poll fetches the newer state
+                return False
             except StateError as e:
                 log.warning("archive: could not fetch round %d: %s", top, e)
                 self._unbacked.update((pid, top, digest) for pid in supporters)

@@ -38,7 +38,7 @@ from averaging.allreduce import RoundResult
 from averaging.codecs import partition
 from averaging.averager import Averager
 from averaging.dht import SwarmDHT, dht_time
-from averaging.errors import StateError
+from averaging.errors import StateError, StateMovedError
 from averaging.flat import tensor_digest
 from averaging.outer import OuterOptimizer
 
@@ -550,40 +550,54 @@ class RoundLoop:
         again: a supporter that has moved on was a stale view (nothing to hold against it);
         one that still announces the state no download could back is a liar, or broken: its
         claim is dropped for good and it gets a strike (repeat offenders are banned, as for
-        rejected contributions). So one lying record cannot strand a joiner. Bounded: at
-        most `passes` downloads per call; the next failed round calls again.
+        rejected contributions). So one lying record cannot strand a joiner. Donors that moved
+        on during the download (StateMovedError) are not blamed: the records are read again
+        and the newer state fetched. Bounded: at most `passes` downloads per call; the next
+        failed round calls again.
         """
-        for _ in range(passes):
-            peers = [r for r in self.others() if r.fingerprint == self.fingerprint
-                     and (r.peer_id, r.round, r.digest) not in self._unbacked]
-            if not peers or max(r.round for r in peers) < self.round:
-                return
-            mine = PeerRecord(peer_id=self.peer_id, round=self.round, fingerprint=self.fingerprint, schema="",
-                              digest=self.digest, host="", port=0)
-            states = better_states([*peers, mine], self.round, self.digest)
-            if not states:
-                return
-            round_, digest, supporters = states[0]
-            donors = donors_for(peers, round_, digest)
-            self._announce_catch_up(round_, digest)
-            t0 = time.monotonic()
-            try:
-                # timeout bounds each wait of the stream, not the download (a large state takes long)
-                state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
-                                       timeout=self.config.sync.join_timeout * 4, requester=self.peer_id)
-            except StateError as e:
+        try:
+            for _ in range(passes):
+                if self._catch_up_once(startup):
+                    return
+        finally:
+            if self.catch_up != (0, ""):  # gave up (or moved on) without adopting: stop announcing it
                 self._announce_catch_up(0, "")
-                log.warning("could not catch up with round %d announced by %d peer(s): %s", round_, len(supporters), e)
-                self._drop_unbacked(round_, digest)
-                continue
-            self.last_download_s = time.monotonic() - t0
-            mb = 4 * state.theta_sync.numel() * (1 if state.momentum_buf is None else 2) / 1e6
-            self.adopt(state, f"downloaded {mb:.0f} MB in {self.last_download_s:.1f}s from "
-                              f"{min(len(donors), MAX_DONORS)} of {len(donors)} peer(s)" + (" at startup" if startup else ""),
-                       carry=not startup)
-            del state  # its tensors were copied into θ_sync and the momentum
-            self.schedule.after_next_step()  # the peers at this state are waiting for us in their next round
-            return
+
+    def _catch_up_once(self, startup: bool) -> bool:
+        """One pass of `reconcile`: True when there is nothing more to do (caught up, or nothing
+        better to fetch), False to read the records again and retry."""
+        peers = [r for r in self.others() if r.fingerprint == self.fingerprint
+                 and (r.peer_id, r.round, r.digest) not in self._unbacked]
+        if not peers or max(r.round for r in peers) < self.round:
+            return True
+        mine = PeerRecord(peer_id=self.peer_id, round=self.round, fingerprint=self.fingerprint, schema="",
+                          digest=self.digest, host="", port=0)
+        states = better_states([*peers, mine], self.round, self.digest)
+        if not states:
+            return True
+        round_, digest, supporters = states[0]
+        donors = donors_for(peers, round_, digest)
+        self._announce_catch_up(round_, digest)
+        t0 = time.monotonic()
+        try:
+            # timeout bounds each wait of the stream, not the download (a large state takes long)
+            state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
+                                   timeout=self.config.sync.join_timeout * 4, requester=self.peer_id)
+        except StateMovedError as e:  # a round ended meanwhile: read the records again, blame nobody
+            log.info("round %d moved on during the download (%s); fetching the newer state", round_, e)
+            return False
+        except StateError as e:
+            log.warning("could not catch up with round %d announced by %d peer(s): %s", round_, len(supporters), e)
+            self._drop_unbacked(round_, digest)
+            return False
+        self.last_download_s = time.monotonic() - t0
+        mb = 4 * state.theta_sync.numel() * (1 if state.momentum_buf is None else 2) / 1e6
+        self.adopt(state, f"downloaded {mb:.0f} MB in {self.last_download_s:.1f}s from "
+                          f"{min(len(donors), MAX_DONORS)} of {len(donors)} peer(s)" + (" at startup" if startup else ""),
+                   carry=not startup)
+        del state  # its tensors were copied into θ_sync and the momentum
+        self.schedule.after_next_step()  # the peers at this state are waiting for us in their next round
+        return True
 
     def _drop_unbacked(self, round_: int, digest: str) -> None:
         """After a failed download of (round_, digest): strike and ignore the peers that still claim it."""

@@ -36,7 +36,9 @@ download.
 Failure behaviour: no deadline for the whole download, so a large state on a slow link is
 never cut off while it makes progress; `timeout` bounds each wait (connecting, the manifest,
 every chunk). A donor that dies, stalls or sends bytes that fail a check is skipped. If no
-donor works, `download_state` raises StateError; the caller keeps its own state.
+donor works, `download_state` raises StateError; the caller keeps its own state. Donors
+that moved on to a newer round (a round ended during the download) raise StateMovedError: the
+caller reads the records again and fetches the newer state, blaming nobody.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ import concurrent.futures
 import json
 import logging
 import math
+import socket
 import threading
 import time
 from contextlib import nullcontext
@@ -55,7 +58,7 @@ import numpy as np
 import torch
 from torch.distributed import Store, TCPStore
 
-from averaging.errors import StateError
+from averaging.errors import StateError, StateMovedError
 from averaging.flat import tensor_digest
 
 from .loop import PeerLoop
@@ -78,6 +81,11 @@ _UNWRITTEN_S = 5.0
 # What a requester that will not join the rounds (an archivist) writes as its id: the donor
 # does not wait for it. A peer id is never this string.
 OBSERVER = "observer"
+# Seconds a donor has to accept a plain TCP connection before a download skips it. A crashed
+# peer's record outlives it by up to its TTL; a refused port answers at once, a vanished host
+# never does. TCPStore's own connect retries for its whole timeout (5 s, twice, with a C++
+# stack trace in the log each time), so dead donors are weeded out with this probe first.
+PROBE_S = 2.0
 
 
 def _layout(numel: int, momentum: bool) -> tuple[int, int]:
@@ -356,8 +364,11 @@ class _Assembly:
         """Check a donor's manifest (and that it matches the others'); allocate on the first."""
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise StateError(f"{name} does not stream this format (manifest {str(meta)[:80]})")
+        rnd = meta.get("round")
+        if isinstance(rnd, int) and not isinstance(rnd, bool) and rnd > self.round:
+            raise StateMovedError(f"{name} has moved on from round {self.round} to round {rnd}")
         try:
-            rnd, numel, mom = meta["round"], meta["numel"], meta["momentum"]
+            numel, mom = meta["numel"], meta["momentum"]
             ok = (isinstance(rnd, int) and rnd == self.round and isinstance(numel, int) and 0 < numel <= 1 << 36
                   and (self.numel is None or numel == self.numel) and isinstance(mom, bool)
                   and meta["chunk"] == CHUNK and meta["chunks"] == _layout(numel, mom)[1]
@@ -416,7 +427,7 @@ def _stream(donor: PeerRecord, dl: _Assembly, req: dict, *, timeout: float, conn
                 raise StateError(f"{name} announced chunk {i!r} of {meta['chunks']}")
             data = store.get(f"state/resp/{k}/{i}")  # waits up to `timeout` for this one chunk
             if not data:
-                raise StateError(f"{name} moved on to a newer state during the download")
+                raise StateMovedError(f"{name} moved on to a newer state during the download")
             dl.write(i, data, name)
             store.delete_key(f"state/resp/{k}/{i}")
             store.set(f"state/resp/{k}/ack/{i}", b"")
@@ -480,12 +491,29 @@ def fetch_state(donors: PeerRecord | Sequence[PeerRecord], *, fingerprint: str |
         except StateError as e:
             errors.append(e)
     if dl.meta is None or dl.missing():
-        raise errors[0] if errors else StateError("the donors sent no state")
+        if not errors:
+            raise StateError("the donors sent no state")
+        raise next((e for e in errors if isinstance(e, StateMovedError)), errors[0])  # moved on: not their fault
     assert dl.theta is not None
     meta = dl.meta
     if not bool(torch.isfinite(dl.theta).all()) or (dl.mom is not None and not bool(torch.isfinite(dl.mom).all())):
         raise StateError(f"state of round {meta['round']} from {', '.join(d.peer_id[-8:] for d in team)} contains NaN or Inf")
     return SwarmState(meta["round"], meta["fingerprint"], dl.theta, dl.mom, meta["samples"])
+
+
+def reachable(donors: Sequence[PeerRecord], timeout: float = PROBE_S) -> tuple[list[PeerRecord], list[PeerRecord]]:
+    """(donors that accept a TCP connection now, those that do not), probing all at once:
+    the slowest answer bounds the wait, `timeout` at most."""
+    def probe(d: PeerRecord) -> bool:
+        try:
+            socket.create_connection((d.host, d.port), timeout=timeout).close()
+            return True
+        except (OSError, ValueError, OverflowError):  # refused, unreachable, timed out; a malformed address
+            return False
+
+    with concurrent.futures.ThreadPoolExecutor(min(len(donors), 16) or 1, "swarmtrain-probe") as pool:
+        ok = list(pool.map(probe, donors))
+    return [d for d, y in zip(donors, ok) if y], [d for d, y in zip(donors, ok) if not y]
 
 
 def download_state(
@@ -497,12 +525,22 @@ def download_state(
     A state is accepted only if its θ_sync digest equals the digest that its donors
     announced for that round in the DHT. The donors of one (round, digest) stream it
     together; if that fails or does not verify, each is tried alone, newest states first.
-    `timeout` bounds each wait, not the download.
+    `timeout` bounds each wait, not the download. Donors that do not accept a connection
+    within PROBE_S (crashed peers whose records have not expired yet) are skipped up front.
+    Raises StateMovedError if the donors moved on to a newer round meanwhile (the caller
+    reads the records again; nobody lied), StateError if no donor could serve the state.
     """
     if not donors:
         raise StateError("no peer to download the state from")
+    live, dead = reachable(donors)
+    if dead:
+        log.info("skipping %d donor(s) that do not accept connections: %s", len(dead),
+                 ", ".join(f"{d.peer_id[-8:]} ({d.host}:{d.port})" for d in dead))
+    if not live:
+        raise StateError(f"none of the {len(donors)} peer(s) announcing the state accepts connections "
+                         f"(crashed peers' records live until they expire)")
     teams: dict[tuple[int, str], list[PeerRecord]] = {}
-    for d in sorted(donors, key=lambda d: -d.round):
+    for d in sorted(live, key=lambda d: -d.round):
         teams.setdefault((d.round, d.digest), []).append(d)
     errors: list[str] = []
 
@@ -519,6 +557,8 @@ def download_state(
             whom = ", ".join(d.peer_id[-8:] for d in group)
             try:
                 state = fetch_state(group, fingerprint=fingerprint, numel=numel, timeout=timeout, requester=requester)
+            except StateMovedError:
+                raise  # the others at this state are moving on too: the caller reads the records again
             except StateError as e:
                 errors.append(str(e))
                 log.warning("%s; trying another peer", e)

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 import torch
 from torch.distributed import TCPStore
 
-from averaging.errors import StateError
+from averaging.errors import StateError, StateMovedError
 from averaging.flat import tensor_digest
 from peer.loop import PeerLoop
 from peer.membership import PeerRecord
@@ -177,10 +179,55 @@ def test_a_stream_stops_when_the_donor_moves_on(loop):
     mover = threading.Thread(target=move_on)
     mover.start()
     try:
-        with pytest.raises(StateError, match="moved on to a newer state"):
+        with pytest.raises(StateMovedError, match="moved on to a newer state"):
             transfer.fetch_state(record("mover", s, old), fingerprint="fp", numel=4 << 20, timeout=3)
     finally:
         mover.join()
+        server.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_donor_already_past_the_announced_round_is_a_move_not_a_lie(loop):
+    # The record (read a moment ago) says round 2; the donor has applied round 3 since. That is
+    # StateMovedError (read the records again, strike nobody), not an implausible manifest.
+    newer = SwarmState(3, "fp", torch.randn(1000), None)
+    s = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    server = StateServer(s, lambda: newer)
+    server.start(loop)
+    try:
+        stale = SwarmState(2, "fp", torch.zeros(1000), None)
+        with pytest.raises(StateMovedError, match="moved on from round 2 to round 3"):
+            download_state([record("mover", s, stale)], fingerprint="fp", numel=1000, timeout=3)
+    finally:
+        server.close()
+
+
+def closed_port() -> int:
+    """A port nothing listens on (a crashed donor whose record has not expired yet)."""
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_dead_donors_are_skipped_before_the_download(loop, caplog):
+    # Two crashed donors still announce the state. Before, each cost TCPStore's connect
+    # retries (5 s, twice) per attempt; the probe drops them and the live donor serves it all.
+    state = SwarmState(4, "fp", torch.randn(300_000), torch.randn(300_000))
+    s = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    server = StateServer(s, lambda: state)
+    server.start(loop)
+    good = record("good", s, state)
+    dead = [replace(good, peer_id=f"dead{i}", port=closed_port()) for i in range(2)]
+    try:
+        with caplog.at_level("INFO", logger="peer.transfer"):
+            got = download_state([dead[0], good, dead[1]], fingerprint="fp", numel=300_000, timeout=3)
+        assert torch.equal(got.theta_sync, state.theta_sync) and torch.equal(got.momentum_buf, state.momentum_buf)
+        assert server.requests_served == 1  # one stream from the live donor; nothing asked of the dead
+        assert "skipping 2 donor(s) that do not accept connections" in caplog.text
+        with pytest.raises(StateError, match="none of the 2 peer"):
+            download_state(dead, fingerprint="fp", numel=300_000, timeout=3)
+    finally:
         server.close()
 
 

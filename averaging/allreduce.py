@@ -167,16 +167,17 @@ class Compression:
     """A peer's codec and its error-feedback state, kept across rounds."""
 
     codec: Codec
+    decay: float = 1.0  # of this peer's own residual (ErrorFeedback); the mean parts' is kept whole
     contrib: ErrorFeedback | None = None  # residual of this peer's own w·Δ
     mean: ErrorFeedback | None = None  # residual of the mean parts this peer encodes
 
     @classmethod
-    def named(cls, name: str) -> "Compression":
-        return cls(get_codec(name))
+    def named(cls, name: str, decay: float = 1.0) -> "Compression":
+        return cls(get_codec(name), decay)
 
     def ensure(self, numel: int) -> None:
         if self.contrib is None or self.contrib.residual.numel() != numel:
-            self.contrib = ErrorFeedback(self.codec, numel)
+            self.contrib = ErrorFeedback(self.codec, numel, self.decay)
             self.mean = ErrorFeedback(self.codec, numel)
 
 

@@ -61,7 +61,7 @@ class Averager:
 
     def compression_of(self, stream: int) -> Compression:
         if stream not in self._compressions:
-            self._compressions[stream] = Compression.named(self.cfg.codec)
+            self._compressions[stream] = Compression.named(self.cfg.codec, self.cfg.ef_decay)
         return self._compressions[stream]
 
     async def average_async(

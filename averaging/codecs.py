@@ -124,11 +124,17 @@ class ErrorFeedback:
     """Keeps the quantization residual of a vector and adds it back before the next encode.
 
     `compress(x)` returns (bytes, what the receiver will decode). The residual
-    x + e − decode(encode(x + e)) is stored for the next call on the same slice.
+    x + β·e − decode(encode(x + β·e)) is stored for the next call on the same slice.
+    `decay` is β: 1 keeps every unsent value until it is sent; SparseLoCo (2025) decays the
+    residual (β ≈ 0.95) so that it acts as a local outer momentum, with plain averaging as
+    the outer step, rather than piling up stale progress behind a sparse codec.
     """
 
-    def __init__(self, codec: Codec, numel: int) -> None:
+    def __init__(self, codec: Codec, numel: int, decay: float = 1.0) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"error-feedback decay must be in [0, 1], got {decay}")
         self.codec = codec
+        self.decay = decay
         self.residual = torch.zeros(numel, dtype=torch.float32)
 
     def compress(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -138,7 +144,7 @@ class ErrorFeedback:
         sent these bytes has completed. A failed round must not consume the error.
         """
         n = x.numel()
-        target = x + self.residual[start : start + n]
+        target = torch.add(x, self.residual[start : start + n], alpha=self.decay)  # x + β·e (exact for β = 1)
         data, sent = self.codec.encode_decoded(target)
         return data, sent, None if self.codec.lossless else target.sub_(sent)
 

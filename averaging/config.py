@@ -161,6 +161,9 @@ class AveragerConfig:
     # Wire codec: fp32 (exact), fp16, bf16, int8 (blockwise absmax) or sparse (top-k, 2 bits);
     # the lossy ones with error feedback.
     codec: str = "fp32"
+    # A lossy codec's error feedback: the unsent residual is scaled by this before the next
+    # round's contribution is added (SparseLoCo's β; 1 = nothing is forgotten).
+    ef_decay: float = 1.0
     # Behind NAT: never listen; average through the group leader (see relay.py).
     client_mode: bool = False
     matchmaking: MatchmakingConfig = MatchmakingConfig()
@@ -181,4 +184,6 @@ class AveragerConfig:
             raise ValueError(f"unknown codec {self.codec!r} (choose {', '.join(CODECS[:-1])} or {CODECS[-1]})")
         if self.ban_after < 1:
             raise ValueError(f"ban_after must be >= 1, got {self.ban_after}")
+        if not 0.0 <= self.ef_decay <= 1.0:
+            raise ValueError(f"ef_decay must be in [0, 1], got {self.ef_decay}")
         check_group_sizes(self.aggregator, self.matchmaking)

@@ -244,6 +244,8 @@ class SyncConfig:
     compression: Literal["fp32", "fp16", "bf16", "int8", "sparse"] = doc(
         "fp32", "wire codec: fp32 exact; fp16/bf16 half the bytes; int8 a quarter; sparse 1/256 (top-k, 2 bits; "
         "lossy ones with error feedback)")
+    error_feedback_decay: float = doc(1.0, "lossy codecs: each round, the unsent residual is scaled by this before the "
+                                           "new pseudo-gradient is added (SparseLoCo's beta; 1 = keep it all)")
     aggregator: Literal["mean", "trimmed_mean", "centered_clip"] = doc(
         "mean", "how each part is reduced: mean (weighted), or robust to hostile peers: trimmed_mean, centered_clip")
     trim: float = doc(0.2, "trimmed_mean: fraction of values dropped at EACH end, per coordinate (0 <= trim < 0.5)")
@@ -268,6 +270,8 @@ class SyncConfig:
             raise ValueError(f"serve_rate_mb_s must be >= 0 (0 = no cap), got {self.serve_rate_mb_s}")
         if self.compression not in CODECS:
             raise ValueError(f"compression must be {', '.join(CODECS[:-1])} or {CODECS[-1]}, got {self.compression!r}")
+        if not 0.0 <= self.error_feedback_decay <= 1.0:
+            raise ValueError(f"error_feedback_decay must be between 0 and 1, got {self.error_feedback_decay}")
         check_group_sizes(self.aggregation(), self.matchmaking())  # validates aggregator, trim, clip_*; sizes fit it
         if self.ban_after < 1:
             raise ValueError(f"ban_after must be >= 1, got {self.ban_after}")
@@ -294,7 +298,8 @@ class SyncConfig:
                  secret: Credential | None = None) -> AveragerConfig:
         return AveragerConfig(
             listen_host=listen_host, announce_host=announce_host,
-            allreduce_timeout=self.allreduce_timeout, codec=self.compression, matchmaking=self.matchmaking(),
+            allreduce_timeout=self.allreduce_timeout, codec=self.compression, ef_decay=self.error_feedback_decay,
+            matchmaking=self.matchmaking(),
             client_mode=client_mode, aggregator=self.aggregation(), trusted=self.trusted, ban_after=self.ban_after,
             secret=secret,
         )

@@ -70,6 +70,21 @@ def test_error_feedback_unbiased_over_rounds():
     assert (total / 50 - x).abs().max() <= one_round / 20
 
 
+def test_error_feedback_decay_forgets_unsent_progress_geometrically():
+    """SparseLoCo's decayed residual: what a round leaves unsent counts β^t in later rounds."""
+    x = torch.zeros(8192)
+    x[::2] = torch.linspace(1.0, 2.0, 4096)  # 4096 values that the sparse codec cannot all send in one round
+    ef = ErrorFeedback(get_codec("sparse"), x.numel(), decay=0.5)
+    _, sent, res = ef.compress(x)
+    ef.commit(0, res)
+    left = x - sent
+    assert left.abs().sum() > 0.9 * x.abs().sum()  # top-32 of each 4096: most of it stays behind
+    _, sent2, res2 = ef.compress(torch.zeros_like(x))  # no new progress: the target is 0.5 × what was left
+    assert torch.allclose(sent2 + res2, 0.5 * left)
+    with pytest.raises(ValueError, match="decay"):
+        ErrorFeedback(get_codec("sparse"), 10, decay=1.5)
+
+
 def _run_group(n: int, fn) -> list:
     """Run fn(group, rank) in n threads over one round's gloo group on 127.0.0.1."""
     master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))

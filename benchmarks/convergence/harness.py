@@ -66,6 +66,7 @@ class Variant:
     outer_lr: float = 0.7
     momentum: float = 0.9
     codec: str = "fp32"
+    ef_decay: float = 1.0  # --sync.error-feedback-decay (lossy codecs)
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -84,6 +85,11 @@ SWEEP: tuple[Variant, ...] = (
     Variant(name="sparse-h10", kind="swarm", label="swarmtrain DiLoCo H=10, sparse", every=10, codec="sparse"),
     Variant(name="sparse-h10-avg", kind="swarm", label="swarmtrain plain averaging H=10, sparse", every=10,
             codec="sparse", outer_lr=1.0, momentum=0.0),
+    # SparseLoCo's recipe: the decayed error feedback is the momentum; the outer step plain averaging.
+    Variant(name="sparse-h50-avg", kind="swarm", label="plain averaging H=50, sparse", every=50, codec="sparse",
+            outer_lr=1.0, momentum=0.0),
+    Variant(name="sparse-h50-ef0.95", kind="swarm", label="plain averaging H=50, sparse, EF decay 0.95", every=50,
+            codec="sparse", outer_lr=1.0, momentum=0.0, ef_decay=0.95),
     Variant(name="diloco-h50-olr1.0", kind="swarm", label="DiLoCo H=50, outer lr 1.0", every=50, outer_lr=1.0),
     Variant(name="diloco-h50-olr0.4", kind="swarm", label="DiLoCo H=50, outer lr 0.4", every=50, outer_lr=0.4),
     Variant(name="diloco-h50-m0.5", kind="swarm", label="DiLoCo H=50, outer lr 0.7, momentum 0.5", every=50,
@@ -251,6 +257,7 @@ def swarm_peer_args(variant: Variant, setup: Setup, seed: int, rank: int) -> lis
         "--sync.every-steps", str(variant.every), "--sync.every-seconds", str(variant.every_seconds),
         "--sync.outer-lr", str(variant.outer_lr),
         "--sync.outer-momentum", str(variant.momentum), "--sync.compression", variant.codec,
+        "--sync.error-feedback-decay", str(variant.ef_decay),
         # Every round waits for all workers, so each outer step averages exactly `peers` workers.
         "--sync.min-group-size", str(setup.peers), "--sync.matchmaking-window", "60",
         "--log.format", "text", *setup.model,

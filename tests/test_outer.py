@@ -256,3 +256,14 @@ def test_optimizer_load_wrong_size_momentum_raises(buf_shape):
     opt = OuterOptimizer(torch.zeros(3), OuterConfig())
     with pytest.raises(ValueError):
         opt.load_state_dict({"theta_sync": torch.zeros(3), "momentum_buf": torch.ones(buf_shape)})
+
+
+def test_sparse_codec_defaults_to_plain_averaging_and_explicit_settings_win():
+    """SparseLoCo's outer step: with the sparse codec the default is plain averaging (its error
+    feedback is the momentum); dense codecs keep DiLoCo's 0.7 / 0.9 Nesterov; a value the user
+    sets is never replaced."""
+    from peer.config import SyncConfig
+
+    assert SyncConfig(compression="sparse").outer() == OuterConfig(lr=1.0, momentum=0.0, nesterov=False)
+    assert SyncConfig(compression="int8").outer() == OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
+    assert SyncConfig(compression="sparse", outer_lr=0.7, outer_momentum=0.9).outer() == OuterConfig()

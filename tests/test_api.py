@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -20,15 +21,17 @@ class TinyRegressor(nn.Module):
         return self.net(x)
 
 
-def _train_two(run_id: str, sync: SyncConfig, *, rounds: int, max_steps: int, same_init: bool) -> dict[int, dict]:
-    """Two in-process peers train TinyRegressor on y = x·w (each its own data) until `rounds`."""
+def _train_two(run_id: str, sync: SyncConfig, *, rounds: int, max_steps: int, same_init: bool,
+               n: int = 2, step_delay: tuple[float, ...] = ()) -> dict[int, dict]:
+    """`n` in-process peers train TinyRegressor on y = x·w (each its own data) until `rounds`;
+    peer i sleeps step_delay[i] seconds after each step (a slower machine)."""
     boot = SwarmDHT.start(run_id, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         addr = boot.visible_maddrs()
         w_true = torch.randn(8, 1, generator=torch.Generator().manual_seed(0))
         x_val = torch.randn(256, 8, generator=torch.Generator().manual_seed(7))
         y_val = x_val @ w_true
-        inits = [TinyRegressor().state_dict() for _ in range(2)]  # built here: torch's global RNG is not per thread
+        inits = [TinyRegressor().state_dict() for _ in range(n)]  # built here: torch's global RNG is not per thread
         results: dict[int, dict] = {}
         errors: list[BaseException] = []
 
@@ -40,22 +43,26 @@ def _train_two(run_id: str, sync: SyncConfig, *, rounds: int, max_steps: int, sa
                 cfg = PeerConfig(swarm=SwarmConfig(run_id=run_id, initial_peers=addr, host="127.0.0.1"), sync=sync)
                 gen = torch.Generator().manual_seed(100 + i)  # each peer its own data
                 with Peer(model, opt, cfg) as peer:
+                    peer.wait_for_peers(n, timeout=60)  # a first round without a late starter is not under test
                     theta0 = peer.state.theta_sync.clone()
                     loss0 = nn.functional.mse_loss(model(x_val), y_val).item()
                     while peer.round < rounds and peer.local_step < max_steps:
                         x = torch.randn(32, 8, generator=gen)
                         peer.step(nn.functional.mse_loss(model(x), x @ w_true), samples=len(x))
+                        if i < len(step_delay):
+                            time.sleep(step_delay[i])
                 # read after close(): a round still in flight (overlap mode) has been applied by then
                 results[i] = {
                     "round": peer.round, "digest": peer.digest, "loss0": loss0,
                     "loss": nn.functional.mse_loss(model(x_val), y_val).item(),
                     "params": torch.cat([p.detach().flatten() for p in model.parameters()]),
                     "theta": peer.state.theta_sync.clone(), "theta0": theta0,
+                    "groups": [len(r.members) for r in peer.history if r.ok],
                 }
             except BaseException as e:  # surface thread failures in the test
                 errors.append(e)
 
-        threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+        threads = [threading.Thread(target=train, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
         for t in threads:
@@ -88,6 +95,20 @@ def test_overlap_mode_trains_and_agrees():
     assert a["round"] == b["round"] >= 4  # close() applied the round in flight on both
     assert a["digest"] == b["digest"] and torch.equal(a["theta"], b["theta"])  # bit-identical θ_sync
     assert a["loss"] < 0.5 * a["loss0"] and b["loss"] < 0.5 * b["loss0"]
+
+
+@pytest.mark.timeout(180)
+def test_overlapped_rounds_wait_for_a_slower_member_of_the_last_round():
+    """With overlap, each peer applies a round at its own next sync point, so a slower peer's
+    record shows the new state later than the others reach it. The leader expects the last
+    round's members (while their records are fresh) instead of closing without the slow one:
+    every round has all 3 peers. (Before, the two fast peers averaged alone from round 2 on.)"""
+    sync = SyncConfig(every_steps=10, matchmaking_window=20, allreduce_timeout=30, overlap=True, outer_lr=1.0,
+                      outer_momentum=0.0)
+    res = _train_two("overlap-slow", sync, rounds=5, max_steps=800, same_init=True, n=3, step_delay=(0, 0, 0.1))
+    assert len({r["digest"] for r in res.values()}) == 1
+    for r in res.values():
+        assert r["round"] >= 4 and r["groups"] and all(g == 3 for g in r["groups"]), r["groups"]
 
 
 @pytest.mark.timeout(180)

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -55,7 +55,10 @@ log = logging.getLogger("peer.api")  # the name users filter on (docs/python-api
 
 HISTORY_ROUNDS = 100  # sync attempts kept in RoundLoop.history (tensor-free)
 NO_PEER = "no other peer at this round"
-ALONE_REMIND_S = 300.0  # a peer that stays alone says so again this often, not at every attempt
+ALONE_REMIND_S = 300.0
+# States whose donors may say "moved on" in one reconcile call before it gives up until the
+# next: short rounds can move on under a joiner a few times; a liar's "moved" is believed once.
+MAX_MOVED = 5  # a peer that stays alone says so again this often, not at every attempt
 
 
 class _AloneNotice:
@@ -572,29 +575,37 @@ class RoundLoop:
         claim is dropped for good and it gets a strike (repeat offenders are banned, as for
         rejected contributions). So one lying record cannot strand a joiner. Donors that moved
         on during the download (StateMovedError) are not blamed: the records are read again
-        and the newer state fetched. Bounded: at most `passes` downloads per call; the next
-        failed round calls again.
+        and the newer state fetched, without using up a pass (short rounds can move on under
+        a joiner several times). Bounded: at most `passes` failed downloads and MAX_MOVED
+        moved-on ones per call; the next failed round calls again.
         """
+        moved: set[tuple[int, str]] = set()  # states whose donors said "moved on" once in this call
+        failed = 0
         try:
-            for _ in range(passes):
-                if self._catch_up_once(startup):
+            while failed < passes and len(moved) <= MAX_MOVED:
+                outcome = self._catch_up_once(startup, moved)
+                if outcome == "done":
                     return
+                failed += outcome == "failed"
         finally:
             if self.catch_up != (0, ""):  # gave up (or moved on) without adopting: stop announcing it
                 self._announce_catch_up(0, "")
 
-    def _catch_up_once(self, startup: bool) -> bool:
-        """One pass of `reconcile`: True when there is nothing more to do (caught up, or nothing
-        better to fetch), False to read the records again and retry."""
+    def _catch_up_once(self, startup: bool, moved: set[tuple[int, str]]) -> Literal["done", "failed", "moved"]:
+        """One pass of `reconcile`: "done" when there is nothing more to do (caught up, or
+        nothing better to fetch); "failed" or "moved" (its donors moved on to a newer state) to
+        read the records again and retry. `moved`: the states whose donors already answered
+        "moved on" in this call; a second time is not believed (a live liar could otherwise say
+        it for ever and never be struck)."""
         peers = [r for r in self.others() if r.fingerprint == self.fingerprint
                  and (r.peer_id, r.round, r.digest) not in self._unbacked]
         if not peers or max(r.round for r in peers) < self.round:
-            return True
+            return "done"
         mine = PeerRecord(peer_id=self.peer_id, round=self.round, fingerprint=self.fingerprint, schema="",
                           digest=self.digest, host="", port=0)
         states = better_states([*peers, mine], self.round, self.digest)
         if not states:
-            return True
+            return "done"
         round_, digest, supporters = states[0]
         donors = donors_for(peers, round_, digest)
         self._announce_catch_up(round_, digest)
@@ -604,12 +615,20 @@ class RoundLoop:
             state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
                                    timeout=self.config.sync.join_timeout * 4, requester=self.peer_id)
         except StateMovedError as e:  # a round ended meanwhile: read the records again, blame nobody
-            log.info("round %d moved on during the download (%s); fetching the newer state", round_, e)
-            return False
+            if (round_, digest) not in moved:
+                moved.add((round_, digest))
+                log.info("round %d moved on during the download (%s); fetching the newer state", round_, e)
+                return "moved"
+            # The records still offered this state after its donors moved on: a peer that still
+            # claims it now is not telling the truth (an honest record follows its state within a
+            # moment, and _drop_unbacked reads the records again before it strikes anyone).
+            log.warning("could not catch up with round %d: its donors moved on twice (%s)", round_, e)
+            self._drop_unbacked(round_, digest)
+            return "failed"
         except StateError as e:
             log.warning("could not catch up with round %d announced by %d peer(s): %s", round_, len(supporters), e)
             self._drop_unbacked(round_, digest)
-            return False
+            return "failed"
         self.last_download_s = time.monotonic() - t0
         mb = 4 * state.theta_sync.numel() * (1 if state.momentum_buf is None else 2) / 1e6
         self.adopt(state, f"downloaded {mb:.0f} MB in {self.last_download_s:.1f}s from "
@@ -617,7 +636,7 @@ class RoundLoop:
                    carry=not startup)
         del state  # its tensors were copied into θ_sync and the momentum
         self.schedule.after_next_step()  # the peers at this state are waiting for us in their next round
-        return True
+        return "done"
 
     def _drop_unbacked(self, round_: int, digest: str) -> None:
         """After a failed download of (round_, digest): strike and ignore the peers that still claim it."""

@@ -1,7 +1,9 @@
 """A lying record does not strand a late joiner: three records (sybils of one liar, each signed
 with its own key) claim round 1023 with a digest nobody can serve. The joiner tries that claim
 (it has the most supporters), no download backs it, so the claim is dropped and its claimants
-struck; the joiner catches up from the honest peers and completes rounds with them."""
+struck; the joiner catches up from the honest peers and completes rounds with them.
+Two kinds of liar: records whose address is dead, and records whose address answers with a
+manifest for a still newer round ("moved on", which is believed once, not twice)."""
 from __future__ import annotations
 
 import threading
@@ -9,10 +11,14 @@ import threading
 import pytest
 import torch
 from torch import nn
+from torch.distributed import TCPStore
 
 from averaging.dht import SwarmDHT, dht_time
 from peer import Peer, PeerConfig, SwarmConfig, SyncConfig
+from peer.loop import PeerLoop
 from peer.membership import PEERS_KEY, PeerRecord, record_validator
+from peer.state import SwarmState
+from peer.transfer import StateServer
 
 from .conftest import free_port
 
@@ -34,7 +40,8 @@ def _train(peer: Peer, until) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_a_claim_no_download_backs_is_dropped_and_struck():
+@pytest.mark.parametrize("liar_address", ["dead", "says_moved_on"])
+def test_a_claim_no_download_backs_is_dropped_and_struck(liar_address):
     boot = SwarmDHT.start(RUN, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[record_validator(RUN)])
     addrs = boot.visible_maddrs()
     stop, ready, errors = threading.Event(), threading.Barrier(3), []
@@ -53,17 +60,25 @@ def test_a_claim_no_download_backs_is_dropped_and_struck():
 
     threads = [threading.Thread(target=honest_peer) for _ in range(2)]
     liars: list[SwarmDHT] = []
+    loop, server = PeerLoop("liar").start(), None
     try:
         for t in threads:
             t.start()
         ready.wait(150)
         fingerprint = honest[0].fingerprint
+        port = free_port()
+        if liar_address == "says_moved_on":  # a live store whose state is always "one round newer"
+            store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+            fake = SwarmState(1024, fingerprint, torch.zeros(honest[0].state.theta_sync.numel()), None)
+            server = StateServer(store, lambda: fake)
+            server.start(loop)
+            port = store.port
         for _ in range(3):
             liar = SwarmDHT.start(RUN, initial_peers=addrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                   record_validators=[record_validator(RUN)])
             liars.append(liar)
             claim = PeerRecord(round=1023, fingerprint=fingerprint, schema="lie", digest="f" * 64, host="127.0.0.1",
-                               port=free_port(), t=dht_time(), incarnation="liar")
+                               port=port, t=dht_time(), incarnation="liar")
             assert liar.put_signed(PEERS_KEY, claim.to_record(), ttl=300)
         with _peer(addrs) as joiner:
             caught_up = joiner.round
@@ -78,5 +93,8 @@ def test_a_claim_no_download_backs_is_dropped_and_struck():
             t.join(timeout=60)
         for liar in liars:
             liar.shutdown()
+        if server is not None:
+            server.close()
+        loop.close()
         boot.shutdown()
     assert not errors, errors

@@ -59,9 +59,18 @@ class Parsed:
     def dense(self, n: int, c0: int = 0, c1: int | None = None) -> torch.Tensor:
         """Chunks [c0, c1) as a dense fp32 vector (the last one cut at n)."""
         c1 = self.idx.shape[0] if c1 is None else c1
+        return self._scatter(self.values()[c0:c1], n, c0, c1)
+
+    def support(self, n: int, c0: int = 0, c1: int | None = None) -> torch.Tensor:
+        """Chunks [c0, c1) as a dense fp32 vector of 1 where a value was sent, 0 elsewhere."""
+        c1 = self.idx.shape[0] if c1 is None else c1
+        return self._scatter(torch.ones(c1 - c0, K), n, c0, c1)
+
+    def _scatter(self, vals: torch.Tensor, n: int, c0: int, c1: int) -> torch.Tensor:
+        """vals [c1 − c0, K] at this message's positions in chunks [c0, c1), zeros elsewhere."""
         out = torch.zeros((c1 - c0) * CHUNK, dtype=torch.float32)
         flat = (self.idx[c0:c1] + torch.arange(c1 - c0).mul_(CHUNK)[:, None]).reshape(-1)
-        out.index_put_((flat,), self.values()[c0:c1].reshape(-1))  # positions are unique: no accumulation
+        out.index_put_((flat,), vals.reshape(-1))  # positions are unique: no accumulation
         return out[: min(n, c1 * CHUNK) - c0 * CHUNK]
 
 

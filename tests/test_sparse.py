@@ -1,6 +1,6 @@
 """The sparse codec (top-k of 1/128, 2-bit values, packed positions) and its all-gather
 aggregation: the bytes are what the format says, error feedback makes repeated rounds
-converge to the fp32 average, and a hostile sender's malformed message is dropped by every
+converge to the fp32 average, each value is averaged over the members that sent it, and a hostile sender's malformed message is dropped by every
 member without stopping the round."""
 from __future__ import annotations
 
@@ -126,6 +126,15 @@ def test_a_sparse_round_agrees_exactly_and_drops_forged_messages():
                 assert cos > 0.05, cos
                 assert (honest[0].mean_delta != 0).sum() <= 4 * P // 128 + 4 * sparse.K
                 assert results[0].bytes_sent < 0.02 * ring_bytes(4 * P, 4)
+                # Each value is the weighted mean over the members that sent it (not over all 4:
+                # a value only one member sent arrives whole, as its error feedback assumes).
+                msgs = [sparse.encode(deltas[i] * (i + 1))[1] for i in range(4)]
+                num = sum(m.dense(P) for m in msgs)
+                den = sum(m.support(P) * (i + 1) for i, m in enumerate(msgs))
+                torch.testing.assert_close(honest[0].mean_delta, num / den.clamp_min(1.0), rtol=1e-5, atol=1e-7)
+                only_one = (den == 1.0)  # sent by member 0 (weight 1) alone
+                assert only_one.sum() > 100
+                assert torch.equal(honest[0].mean_delta[only_one], msgs[0].dense(P)[only_one])
             else:
                 forger = dhts[3].peer_id
                 assert all(forger in {pid for pid, _ in r.rejected} for r in honest), (mode, [r.rejected for r in honest])

@@ -72,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     png = (a.results.parent / "convergence.png") if a.no_doc else PNG
     seeds = sorted({r["seed"] for r in rows})
-    report.plot(rows, png, f"byte-level GPT on the stdlib corpus, {setup.peers} workers, seeds {seeds}")
+    drawn = report.plot(rows, png, f"byte-level GPT on the stdlib corpus, {setup.peers} workers, seeds {seeds}")
     text = report.section(rows, key, png, "sudo .venv/bin/python -m benchmarks.convergence")
     print(text)
     if not a.no_doc:
         report.update_doc(DOC, text)
-        print(f"wrote {PNG.relative_to(REPO)} and the convergence section of {DOC.relative_to(REPO)}")
+        print(f"wrote {PNG.relative_to(REPO) if drawn else 'no plot'} and the convergence section of "
+              f"{DOC.relative_to(REPO)}")
     return 0
 
 

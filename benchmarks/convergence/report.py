@@ -5,6 +5,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,13 @@ def table(agg: dict[str, dict[str, Any]], ddp: dict[str, Any] | None) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Draw the loss curves into `path`; False (and a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:  # the `bench` extra; results and the table do not need it
+        print(f"matplotlib is not installed (pip install -e '.[bench]'): {path.name} not drawn", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,6 +108,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    return True
 
 
 def update_doc(doc: Path, section: str) -> None:
@@ -129,6 +136,6 @@ def section(rows: list[dict[str, Any]], setup: dict[str, Any], png: Path, comman
     sweep = aggregate(rows, ["diloco-h50", *(v.name for v in SWEEP)])
     if len(sweep) > 1:
         seeds = sorted({r["seed"] for r in rows if r["variant"] in sweep})
-        text += (f"\nOuter-optimizer sweep at H = 50 (`--variants {' '.join(v.name for v in SWEEP)}`), "
+        text += (f"\nSweep of outer optimizers, sync intervals and the sparse codec (`--variants {' '.join(v.name for v in SWEEP)}`), "
                  f"same setup; DDP as above:\n\n" + table(sweep, main.get("ddp")))
     return text

@@ -25,6 +25,7 @@ the caller keeps training and retries later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -33,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 from torch.distributed import Store, TCPStore
 
@@ -184,7 +185,8 @@ class Matchmaker:
             try:
                 if leader.peer_id == me.peer_id:
                     return await self._lead(round_, key, me, expected_size, deadline, excluded)
-                return await self._follow(round_, leader, me, deadline)
+                with self._pointing_to(round_, me, leader):
+                    return await self._follow(round_, leader, me, deadline)
             except _Redirect as r:
                 hint = r.target
                 last_error = f"redirected to {r.target.peer_id[-8:]}"
@@ -266,6 +268,32 @@ class Matchmaker:
         self._reply(store, prefix, {"members": members, "clients": clients})
         log.debug("round %d: leading group of %d (+%d clients)", round_, len(members), len(clients))
         return Group(round_, tuple(members), 0, prefix, store, leader=me.peer_id, clients=tuple(clients))
+
+    @contextlib.contextmanager
+    def _pointing_to(self, round_: int, me: Candidate, leader: Candidate) -> Iterator[None]:
+        """While this peer follows `leader`, its own store answers anyone who joins *it* with a
+        redirect to `leader`.
+
+        Why: views of the DHT differ. When records are spread over several DHT nodes (peers
+        whose nodes reach each other), a read may miss a declaration for a whole round, so a
+        peer that does not see the earliest candidate E elects the next one, X, who does see E
+        and follows it. Without an answer from X, that peer would wait out X's window ("did
+        not close its group") and every such peer would fail the round: with views that
+        stay different, round after round. With it, the redirect, always to a strictly
+        earlier candidate, brings them to E. Kept if the follow succeeds (a late peer is then
+        sent to a group that has closed, and retries); removed if it does not, so that this
+        peer can still lead under the same prefix."""
+        prefix = f"{round_}/{me.nonce}/"
+        store = self._server
+        if store is not None:
+            self._reply(store, prefix, {"redirect": {"peer_id": leader.peer_id, **leader.to_record()}})
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if store is not None and not ok:
+                store.delete_key(prefix + "members")
 
     def _reply(self, store: Store, prefix: str, reply: dict[str, Any]) -> None:
         """Publish the leader's reply to its followers (tagged in a private run)."""

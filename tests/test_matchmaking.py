@@ -1,0 +1,79 @@
+"""Matchmaking when peers' views of the DHT differ: a peer that misses the earliest
+candidate's declaration elects the next one, who follows the earliest itself; it must be
+sent on to the earliest and join the same group, not wait out the window and fail.
+
+Views differ in real swarms when records are spread over several DHT nodes and a read
+misses one of them; here the difference is injected at the seam the matchmaker reads
+through (its DHT's `aget_signed`), on real DHT nodes and real TCPStores on 127.0.0.1."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from averaging import MatchmakingConfig, SwarmDHT
+from averaging.matchmaking import Matchmaker
+
+RUN, FP, ROUND = "mm-views", "fp", 0
+
+
+class PartialView:
+    """A SwarmDHT whose reads never return the records of the peers in `hidden`."""
+
+    def __init__(self, dht: SwarmDHT, hidden: set[str]) -> None:
+        self._dht, self._hidden = dht, hidden
+
+    def __getattr__(self, name: str):
+        return getattr(self._dht, name)
+
+    async def aget_signed(self, name: str) -> dict:
+        return {pid: rec for pid, rec in (await self._dht.aget_signed(name)).items() if pid not in self._hidden}
+
+
+def _declared(dht: SwarmDHT, peer_id: str) -> bool:
+    return peer_id in dht.get_signed(f"mm.{FP}.{ROUND}")
+
+
+def _wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_that_misses_the_earliest_candidate_is_redirected_into_its_group():
+    boot = SwarmDHT.start(RUN, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [SwarmDHT.start(RUN, initial_peers=boot.visible_maddrs()[:1], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+            for _ in range(3)]
+    first, second, third = dhts  # declare in this order: first is the rightful leader
+    cfg = MatchmakingConfig(window=20, join_timeout=5)
+    views = [first, second, PartialView(third, {first.peer_id})]  # third never sees first's declaration
+    mms = [Matchmaker(v, listen_host="127.0.0.1", announce_host="127.0.0.1", cfg=cfg) for v in views]  # type: ignore[arg-type]
+    groups, errors = {}, {}
+
+    def go(i: int) -> None:
+        try:
+            groups[i] = mms[i].form_group(ROUND, FP, lambda: 3)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors[i] = e
+
+    threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in range(3)]
+    try:
+        for i, t in enumerate(threads):  # each declares only once the one before it is visible
+            t.start()
+            _wait_until(lambda: _declared(boot, dhts[i].peer_id), 20, f"peer {i}'s declaration")
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        members = {groups[i].members for i in range(3)}
+        assert len(members) == 1, members  # one group
+        (group,) = members
+        assert set(group) == {d.peer_id for d in dhts}
+        assert all(groups[i].leader == first.peer_id for i in range(3))
+    finally:
+        for m in mms:
+            m.close()
+        for d in [*dhts, boot]:
+            d.shutdown()

@@ -59,15 +59,26 @@ class OuterConfig:
     lr: float = 0.7
     momentum: float = 0.9
     nesterov: bool = True
+    # Outer steps over which the momentum ramps linearly from 0 to `momentum` (0: none). From
+    # a cold start the first pseudo-gradients are large and point in quickly changing
+    # directions; full momentum on them overshoots (see docs/benchmarks.md, "Outer warm-up").
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         if not (self.lr > 0):
             raise ValueError(f"outer lr must be > 0, got {self.lr}")
         if not (0 <= self.momentum < 1):
             raise ValueError(f"outer momentum must be in [0, 1), got {self.momentum}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"outer warm-up must be a whole number of outer steps >= 0, got {self.warmup!r}")
         if self.nesterov and self.momentum == 0:
             # torch.optim.SGD refuses this too: Nesterov without momentum is meaningless.
             object.__setattr__(self, "nesterov", False)
+
+    def momentum_at(self, step: int) -> float:
+        """The momentum of outer step `step` (0 for the first): μ·min(1, step / warmup).
+        Every member of a round passes the same step (its state's round), so all agree."""
+        return self.momentum if step >= self.warmup else self.momentum * step / self.warmup
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -37,26 +37,30 @@ STEP_CHUNK = 1 << 17
 
 
 def outer_step(
-    theta_sync: torch.Tensor, delta: torch.Tensor, momentum_buf: torch.Tensor | None, cfg: OuterConfig
+    theta_sync: torch.Tensor, delta: torch.Tensor, momentum_buf: torch.Tensor | None, cfg: OuterConfig,
+    step: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pure outer step (the reference). Returns (new θ_sync, new momentum buffer); inputs are
-    not modified. theta_sync, delta: flat fp32 [P]. momentum_buf: [P] or None (first step / μ = 0)."""
+    not modified. theta_sync, delta: flat fp32 [P]. momentum_buf: [P] or None (first step / μ = 0).
+    `step`: the index of this outer step, for the momentum warm-up (None: full momentum)."""
     if theta_sync.shape != delta.shape:
         raise ValueError(f"shape mismatch: theta {tuple(theta_sync.shape)} vs delta {tuple(delta.shape)}")
     if cfg.momentum == 0:
         return theta_sync.sub(delta, alpha=cfg.lr), None
+    mu = cfg.momentum if step is None else cfg.momentum_at(step)
     # torch.optim.SGD initialises the buffer to the first gradient (no dampening): b₁ = Δ̄₁.
-    buf = delta.clone() if momentum_buf is None else (momentum_buf * cfg.momentum).add_(delta)
-    update = delta.add(buf, alpha=cfg.momentum) if cfg.nesterov else buf
+    buf = delta.clone() if momentum_buf is None else (momentum_buf * mu).add_(delta)
+    update = delta.add(buf, alpha=mu) if cfg.nesterov else buf
     return theta_sync.sub(update, alpha=cfg.lr), buf
 
 
 @torch.no_grad()
 def outer_step_(theta_sync: torch.Tensor, delta: torch.Tensor, momentum_buf: torch.Tensor | None, cfg: OuterConfig,
-                *, first: bool) -> None:
+                *, first: bool, step: int | None = None) -> None:
     """`outer_step` in place: θ_sync and momentum_buf are updated; `delta` is used as scratch
     for the update (clobbered). `first`: momentum_buf holds nothing yet (b₁ = Δ̄₁).
     Bit-identical to `outer_step` (the same operations, in the same order)."""
+    mu = cfg.momentum if step is None else cfg.momentum_at(step)
     if theta_sync.shape != delta.shape:
         raise ValueError(f"shape mismatch: theta {tuple(theta_sync.shape)} vs delta {tuple(delta.shape)}")
     if cfg.momentum != 0 and (momentum_buf is None or momentum_buf.shape != delta.shape):
@@ -69,9 +73,9 @@ def outer_step_(theta_sync: torch.Tensor, delta: torch.Tensor, momentum_buf: tor
             if first:
                 b.copy_(d)
             else:
-                b.mul_(cfg.momentum).add_(d)  # μ·b + Δ̄
+                b.mul_(mu).add_(d)  # μ·b + Δ̄
             if cfg.nesterov:
-                d.add_(b, alpha=cfg.momentum)  # u = Δ̄ + μ·b
+                d.add_(b, alpha=mu)  # u = Δ̄ + μ·b
             else:
                 d.copy_(b)
         th.sub_(d, alpha=cfg.lr)  # θ − lr·u
@@ -158,11 +162,12 @@ class OuterOptimizer:
         """Δ = θ_sync − θ_local, fp32 [P], in a new tensor."""
         return self.pseudo_gradient_(theta_local, torch.empty(self.numel, dtype=torch.float32))
 
-    def apply(self, mean_delta: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def apply(self, mean_delta: torch.Tensor, start: int = 0, step: int | None = None) -> torch.Tensor:
         """Apply the outer step with the group-averaged Δ̄ (clobbered: used as scratch) to
         θ_sync[start : start + len(Δ̄)] (all of it by default; a fragment for a streaming peer);
         returns θ_sync. Momentum is per coordinate, so a fragment's step is the same as its
-        part of a whole-vector step."""
+        part of a whole-vector step. `step`: how many outer steps this range has had before
+        (the momentum warm-up; None: full momentum)."""
         n = mean_delta.numel()
         if start < 0 or start + n > self.numel:
             raise ValueError(f"range [{start}, {start + n}) does not fit θ_sync ({self.numel})")
@@ -174,7 +179,7 @@ class OuterOptimizer:
             if not whole:
                 self.momentum_buf.zero_()
         b = None if self.momentum_buf is None else self.momentum_buf[start : start + n]
-        outer_step_(self.theta_sync[start : start + n], mean_delta.to("cpu"), b, self.cfg, first=first)
+        outer_step_(self.theta_sync[start : start + n], mean_delta.to("cpu"), b, self.cfg, first=first, step=step)
         return self.theta_sync
 
     def state_dict(self) -> dict:

@@ -230,6 +230,8 @@ class SyncConfig:
     outer_momentum: float | None = doc(None, "outer momentum; default 0.9, or 0 with the sparse codec (its error feedback "
                                              "is the momentum, as in SparseLoCo)")
     nesterov: bool = doc(True, "use Nesterov momentum in the outer step")
+    outer_warmup: int = doc(4, "outer steps over which the outer momentum ramps up linearly from 0 (with full "
+                               "momentum, a cold start's first pseudo-gradients overshoot)")
     min_group_size: int = doc(2, "fewest peers (self included) that make a group")
     max_group_size: int = doc(64, "most peers in one all-reduce; a round with more averages in subgroups of this size, "
                                    "combined into one result")
@@ -294,7 +296,8 @@ class SyncConfig:
             self.overlap = True
 
     def outer(self) -> OuterConfig:
-        return OuterConfig(lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov)
+        return OuterConfig(lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov,
+                           warmup=self.outer_warmup)
 
     def matchmaking(self) -> MatchmakingConfig:
         return MatchmakingConfig(

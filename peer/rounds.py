@@ -318,7 +318,8 @@ class RoundLoop:
         _ = self.digest  # (computed long ago: the round's meeting key needed it) θ_sync changes now
         lo, hi = span or (0, self.outer.numel)
         with self.state_lock:  # in place: Δ̄ (the round buffer) is the step's scratch
-            theta = self.outer.apply(result.mean_delta, start=lo)
+            # the outer steps this range has had: every member of the round is at the same round
+            theta = self.outer.apply(result.mean_delta, start=lo, step=self.round // self.config.sync.fragments)
             # a new state object at once: a stream of the old one stops at its next chunk
             self.state = SwarmState(self.round + 1, self.fingerprint, theta, self.outer.momentum_buf,
                                     self.counters.total_samples)

@@ -138,6 +138,7 @@ def test_shape_mismatch_raises(theta_shape, delta_shape):
 @pytest.mark.parametrize("kw", [
     {"lr": 0.0}, {"lr": -0.1}, {"lr": math.nan},
     {"momentum": 1.0}, {"momentum": 1.5}, {"momentum": -0.1}, {"momentum": math.nan},
+    {"warmup": -1}, {"warmup": 2.5}, {"warmup": True},
 ])
 def test_outer_config_validation(kw):
     with pytest.raises(ValueError):
@@ -204,18 +205,19 @@ def test_in_place_step_is_bit_identical_to_the_pure_reference(monkeypatch):
     monkeypatch.setattr(outer_mod, "CHUNK", 7)
     monkeypatch.setattr(outer_mod, "STEP_CHUNK", 5)
     g = torch.Generator().manual_seed(4)
-    for cfg in (OuterConfig(), OuterConfig(momentum=0.0, lr=1.0), OuterConfig(nesterov=False, lr=0.3)):
+    for cfg in (OuterConfig(), OuterConfig(momentum=0.0, lr=1.0), OuterConfig(nesterov=False, lr=0.3),
+                OuterConfig(warmup=4)):
         theta0 = torch.randn(50, generator=g)
         opt = OuterOptimizer(theta0, cfg)
         ref_theta, ref_buf = theta0.clone(), None
         theta_ptr = opt.theta_sync.data_ptr()
-        for _ in range(6):
+        for step in range(6):
             local = torch.randn(50, generator=g)
             delta = opt.pseudo_gradient_([local[:13], local[13:]], opt.round_buffer())
             ref_delta = ref_theta - local
             assert torch.equal(delta, ref_delta)
-            opt.apply(delta)
-            ref_theta, ref_buf = outer_step(ref_theta, ref_delta, ref_buf, cfg)
+            opt.apply(delta, step=step)
+            ref_theta, ref_buf = outer_step(ref_theta, ref_delta, ref_buf, cfg, step=step)
             assert torch.equal(opt.theta_sync, ref_theta), cfg
             assert (opt.momentum_buf is None) == (ref_buf is None) and (ref_buf is None or torch.equal(opt.momentum_buf, ref_buf))
         assert opt.theta_sync.data_ptr() == theta_ptr  # never reallocated: memory stays put
@@ -267,3 +269,19 @@ def test_sparse_codec_defaults_to_plain_averaging_and_explicit_settings_win():
     assert SyncConfig(compression="sparse").outer() == OuterConfig(lr=1.0, momentum=0.0, nesterov=False)
     assert SyncConfig(compression="int8").outer() == OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
     assert SyncConfig(compression="sparse", outer_lr=0.7, outer_momentum=0.9).outer() == OuterConfig()
+
+
+def test_outer_warmup_ramps_the_momentum_and_starts_as_plain_mean_descent():
+    """With warm-up W the momentum of step k is μ·k/W until k = W: the first outer step is
+    plain θ − lr·Δ̄ (no momentum to overshoot with), the buffer still remembers Δ̄₁, and
+    from step W on the step is exactly the configured Nesterov step."""
+    cfg = OuterConfig(lr=0.7, momentum=0.9, warmup=4)
+    assert [cfg.momentum_at(k) for k in range(6)] == [0.0, 0.225, 0.45, 0.675, 0.9, 0.9]
+    theta, d = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])
+    t1, b1 = outer_step(theta, d, None, cfg, step=0)
+    assert torch.allclose(t1, theta - 0.7 * d) and torch.equal(b1, d)
+    t2, b2 = outer_step(t1, d, b1, cfg, step=2)  # μ = 0.45
+    assert torch.allclose(b2, 1.45 * d) and torch.allclose(t2, t1 - 0.7 * (d + 0.45 * b2))
+    full = OuterConfig(lr=0.7, momentum=0.9)
+    assert torch.equal(outer_step(t2, d, b2, cfg, step=4)[0], outer_step(t2, d, b2, full)[0])
+    assert cfg.momentum_at(10**9) == 0.9 and OuterConfig().momentum_at(0) == 0.9  # no warm-up by default

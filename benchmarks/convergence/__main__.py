@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import report
-from .harness import BY_NAME, REPO, VARIANTS, Setup, run
+from .harness import BY_NAME, REPO, VARIANTS, Setup, run, steps_for_tokens
 
 RESULTS = REPO / "benchmarks" / "convergence" / "results.jsonl"
 PNG = REPO / "docs" / "img" / "convergence.png"
@@ -34,12 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--peers", type=int, default=Setup.peers)
     ap.add_argument("--steps", type=int, default=Setup.steps, help="inner steps per worker")
+    ap.add_argument("--tokens-per-param", type=float, default=0.0, metavar="K",
+                    help="instead of --steps: train on K x N tokens in all (20 = Chinchilla-optimal, the DiLoCo "
+                         "scaling-law study's regime)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--fresh", action="store_true", help="rerun even if results.jsonl has this run")
     ap.add_argument("--no-netns", action="store_true", help="do not count wire bytes in a network namespace")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-doc", action="store_true", help="do not touch docs/ (plot and table to --results' folder)")
     a = ap.parse_args(argv)
+    if a.tokens_per_param < 0:
+        ap.error("--tokens-per-param must be > 0")
+    if a.tokens_per_param:
+        a.steps = steps_for_tokens(a.tokens_per_param, peers=a.peers, batch_size=Setup.batch_size)
+        print(f"{a.tokens_per_param:g} tokens per parameter: {a.steps} inner steps per worker, {a.peers} worker(s)",
+              flush=True)
     try:
         setup = Setup(peers=a.peers, steps=a.steps)
     except ValueError as e:

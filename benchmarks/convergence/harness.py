@@ -67,13 +67,17 @@ class Variant:
     momentum: float = 0.9
     codec: str = "fp32"
     ef_decay: float = 1.0  # --sync.error-feedback-decay (lossy codecs)
+    warmup: int = 0  # --sync.outer-warmup: outer steps over which the outer momentum ramps up
 
 
 VARIANTS: tuple[Variant, ...] = (
     Variant(name="single", kind="single", label="single peer (same total samples)"),
     Variant(name="ddp", kind="ddp", label="DDP over gloo (all-reduce every step)"),
     Variant(name="diloco-h10", kind="swarm", label="swarmtrain DiLoCo H=10", every=10),
-    Variant(name="diloco-h50", kind="swarm", label="swarmtrain DiLoCo H=50", every=50),
+    Variant(name="diloco-h50", kind="swarm", label="swarmtrain DiLoCo H=50, no outer warm-up (the default before)",
+            every=50),
+    Variant(name="diloco-h50-w4", kind="swarm", label="swarmtrain DiLoCo H=50, outer warm-up 4 (the default)", every=50,
+            warmup=4),
     Variant(name="diloco-h200", kind="swarm", label="swarmtrain DiLoCo H=200", every=200),
     Variant(name="avg-h50", kind="swarm", label="swarmtrain plain averaging H=50", every=50, outer_lr=1.0, momentum=0.0),
     Variant(name="int8-h50", kind="swarm", label="swarmtrain DiLoCo H=50, int8", every=50, codec="int8"),
@@ -188,6 +192,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def steps_for_tokens(tokens_per_param: float, *, peers: int, batch_size: int, model: tuple[str, ...] = ()) -> int:
+    """Inner steps per worker so that all workers together train on tokens_per_param x N
+    tokens (N = the model's parameter count; 20 is Chinchilla's compute-optimal budget)."""
+    from peer.model import ModelConfig, build_model
+
+    cfg = ModelConfig(**{f.removeprefix("--model.").replace("-", "_"): int(v) for f, v in zip(model[::2], model[1::2])})
+    n = sum(p.numel() for p in build_model(cfg, seed=0).parameters())
+    return max(1, round(tokens_per_param * n / (peers * batch_size * cfg.block_size)))
+
+
 def _timeout(setup: Setup) -> float:
     return 120 + setup.steps * setup.peers * 0.5  # generous: about 5x the expected time on 2 cores
 
@@ -257,7 +271,7 @@ def swarm_peer_args(variant: Variant, setup: Setup, seed: int, rank: int) -> lis
         "--sync.every-steps", str(variant.every), "--sync.every-seconds", str(variant.every_seconds),
         "--sync.outer-lr", str(variant.outer_lr),
         "--sync.outer-momentum", str(variant.momentum), "--sync.compression", variant.codec,
-        "--sync.error-feedback-decay", str(variant.ef_decay),
+        "--sync.error-feedback-decay", str(variant.ef_decay), "--sync.outer-warmup", str(variant.warmup),
         # Every round waits for all workers, so each outer step averages exactly `peers` workers.
         "--sync.min-group-size", str(setup.peers), "--sync.matchmaking-window", "60",
         "--log.format", "text", *setup.model,

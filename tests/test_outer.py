@@ -266,9 +266,10 @@ def test_sparse_codec_defaults_to_plain_averaging_and_explicit_settings_win():
     sets is never replaced."""
     from peer.config import SyncConfig
 
-    assert SyncConfig(compression="sparse").outer() == OuterConfig(lr=1.0, momentum=0.0, nesterov=False)
-    assert SyncConfig(compression="int8").outer() == OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
-    assert SyncConfig(compression="sparse", outer_lr=0.7, outer_momentum=0.9).outer() == OuterConfig()
+    assert SyncConfig(compression="sparse").outer() == OuterConfig(lr=1.0, momentum=0.0, nesterov=False, warmup=4)
+    assert SyncConfig(compression="int8").outer() == OuterConfig(lr=0.7, momentum=0.9, nesterov=True, warmup=4)
+    assert SyncConfig(compression="sparse", outer_lr=0.7, outer_momentum=0.9).outer() == OuterConfig(warmup=4)
+    assert SyncConfig(outer_warmup=0).outer() == OuterConfig()  # the peer's default warms up; the pure step does not
 
 
 def test_outer_warmup_ramps_the_momentum_and_starts_as_plain_mean_descent():

@@ -8,12 +8,13 @@ through (its DHT's `aget_signed`), on real DHT nodes and real TCPStores on 127.0
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from averaging import MatchmakingConfig, SwarmDHT
 from averaging.matchmaking import Matchmaker
+
+from .conftest import wait_for
 
 RUN, FP, ROUND = "mm-views", "fp", 0
 
@@ -33,13 +34,6 @@ class PartialView:
 
 def _declared(dht: SwarmDHT, peer_id: str) -> bool:
     return peer_id in dht.get_signed(f"mm.{FP}.{ROUND}")
-
-
-def _wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.mark.timeout(90)
@@ -63,7 +57,7 @@ def test_a_peer_that_misses_the_earliest_candidate_is_redirected_into_its_group(
     try:
         for i, t in enumerate(threads):  # each declares only once the one before it is visible
             t.start()
-            _wait_until(lambda: _declared(boot, dhts[i].peer_id), 20, f"peer {i}'s declaration")
+            wait_for(lambda: _declared(boot, dhts[i].peer_id), 20, f"peer {i}'s declaration")
         for t in threads:
             t.join(timeout=60)
         assert not errors, errors

@@ -311,14 +311,14 @@ class Matchmaker:
         if self.secret is not None:
             join["auth"] = self.secret.sign_hex("join", prefix, me.peer_id)
 
-        def take_slot() -> Store:
+        def take_slot() -> tuple[Store, int]:
             store = TCPStore(leader.host, leader.port, is_master=False, timeout=timeout)
             slot = store.add(prefix + "n", 1)
             store.set(f"{prefix}slot/{slot}", json.dumps(join))
-            return store
+            return store, slot
 
         try:
-            store = await asyncio.to_thread(take_slot)
+            store, slot = await asyncio.to_thread(take_slot)
         except RuntimeError as e:  # torch raises DistStoreError / DistNetworkError, both RuntimeErrors
             raise _Unreachable(f"leader {leader.peer_id[-8:]} at {leader.host}:{leader.port} unreachable: {e}") from e
         # The leader closes at the latest at its own arrival + window; allow for clock skew.
@@ -337,6 +337,10 @@ class Matchmaker:
             target = Candidate.from_record(str(r.get("peer_id", "")), r)
             if target is None or not target < leader:
                 raise _Unreachable(f"leader {leader.peer_id[-8:]} sent an invalid redirect")
+            # Give the slot back: if this peer leads later under the same prefix (its own follow
+            # failed), a slot left holding our id would put us in a group we are not in.
+            with contextlib.suppress(RuntimeError):  # best effort: the redirect stands either way
+                await asyncio.to_thread(store.set, f"{prefix}slot/{slot}", json.dumps({"withdrawn": True}))
             raise _Redirect(target)
         members = reply.get("members") if isinstance(reply, dict) else None
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):

@@ -75,10 +75,11 @@ class OuterConfig:
             # torch.optim.SGD refuses this too: Nesterov without momentum is meaningless.
             object.__setattr__(self, "nesterov", False)
 
-    def momentum_at(self, step: int) -> float:
-        """The momentum of outer step `step` (0 for the first): μ·min(1, step / warmup).
-        Every member of a round passes the same step (its state's round), so all agree."""
-        return self.momentum if step >= self.warmup else self.momentum * step / self.warmup
+    def momentum_at(self, step: int | None) -> float:
+        """The momentum of outer step `step` (0 for the first): μ·min(1, step / warmup); None
+        (a caller that does not count steps): μ. Every member of a round passes the same step
+        (its state's round), so all agree."""
+        return self.momentum if step is None or step >= self.warmup else self.momentum * step / self.warmup
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,7 +47,7 @@ def outer_step(
         raise ValueError(f"shape mismatch: theta {tuple(theta_sync.shape)} vs delta {tuple(delta.shape)}")
     if cfg.momentum == 0:
         return theta_sync.sub(delta, alpha=cfg.lr), None
-    mu = cfg.momentum if step is None else cfg.momentum_at(step)
+    mu = cfg.momentum_at(step)
     # torch.optim.SGD initialises the buffer to the first gradient (no dampening): b₁ = Δ̄₁.
     buf = delta.clone() if momentum_buf is None else (momentum_buf * mu).add_(delta)
     update = delta.add(buf, alpha=mu) if cfg.nesterov else buf
@@ -60,7 +60,7 @@ def outer_step_(theta_sync: torch.Tensor, delta: torch.Tensor, momentum_buf: tor
     """`outer_step` in place: θ_sync and momentum_buf are updated; `delta` is used as scratch
     for the update (clobbered). `first`: momentum_buf holds nothing yet (b₁ = Δ̄₁).
     Bit-identical to `outer_step` (the same operations, in the same order)."""
-    mu = cfg.momentum if step is None else cfg.momentum_at(step)
+    mu = cfg.momentum_at(step)
     if theta_sync.shape != delta.shape:
         raise ValueError(f"shape mismatch: theta {tuple(theta_sync.shape)} vs delta {tuple(delta.shape)}")
     if cfg.momentum != 0 and (momentum_buf is None or momentum_buf.shape != delta.shape):

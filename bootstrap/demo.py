@@ -20,7 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-import torch
+
+from peer.state import CheckpointDir
 
 PY = sys.executable
 
@@ -106,9 +107,9 @@ def _report(work: Path, codes: dict[str, int], logs: dict[str, list[str]], wall:
             print(f"{name}: exited with code {code}; last lines:\n  " + "\n  ".join(logs[name][-5:]))
             continue
         s = summaries[name] = json.loads(f.read_text())
-        ckpts = sorted((work / name).glob("ckpt-r*.pt"))
-        if ckpts:
-            finals[name] = torch.load(ckpts[-1], map_location="cpu", weights_only=True)["theta_sync"]
+        ckpt = CheckpointDir(work / name).latest()
+        if ckpt is not None:
+            finals[name] = CheckpointDir.load(ckpt, fingerprint=None, numel=None).theta_sync
         print(f"{name}: {s['rounds']} sync rounds ({s['rounds_failed']} missed), {s['steps']} steps, "
               f"validation loss {s['val_loss_start']:.3f} -> {s['val_loss_final']:.3f}")
     ok = len(summaries) == len(codes)

@@ -35,6 +35,7 @@ from averaging.flat import describe_schema, parameter_schema, schema_fingerprint
 from averaging.memory import steady_malloc
 
 from .config import PeerConfig
+from .hf import describe_model
 from .loop import PeerLoop
 from .membership import MAX_MADDRS, Announcer, PeerRecord, Rediscovery, record_validator
 from .rounds import HISTORY_ROUNDS, NO_PEER, RoundLoop  # noqa: F401  (re-exported: tests and tools use them)
@@ -85,7 +86,9 @@ class Peer:
         self._loop: PeerLoop | None = None  # the event loop the background work and the rounds run on
         self._maddrs: tuple[str, ...] = ()
         self.announce_host = ""
-        ckpt = CheckpointDir(self.config.checkpoint.dir, self.config.checkpoint.keep_last) if self.config.checkpoint.dir else None
+        ckpt = None
+        if self.config.checkpoint.dir:  # each checkpoint says which model it is, for `swarm-bootstrap export`
+            ckpt = CheckpointDir(self.config.checkpoint.dir, self.config.checkpoint.keep_last, model=describe_model(model))
         self._rounds = RoundLoop(params, self.config, fingerprint=self.fingerprint, ckpt=ckpt, on_state=self._announce)
         try:
             self._start()

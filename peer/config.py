@@ -53,7 +53,7 @@ def validate_multiaddr(addr: str) -> str:
 
 
 # ---------------------------------------------------------------- [data]
-_SOURCES = ("stdlib", "text", "tokens")
+_SOURCES = ("stdlib", "text", "tokens", "shards")
 _TOKEN_DTYPES = ("uint8", "uint16", "uint32")
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -82,8 +82,10 @@ def parse_shard(spec: str) -> tuple[int, int] | None:
 class DataConfig:
     """Where the training tokens come from and how this peer samples them."""
 
-    source: str = doc("stdlib", 'Corpus kind: "stdlib" (Python\'s own sources), "text" (user files) or "tokens".')
-    paths: list[str] = doc([], '"text": files and/or directories (walked recursively); "tokens": exactly one file.')
+    source: str = doc("stdlib", 'Corpus kind: "stdlib" (Python\'s own sources), "text" (user files), "tokens" (one token '
+                                'file) or "shards" (a folder written by `swarm-peer prepare`).')
+    paths: list[str] = doc([], '"text": files and/or directories (walked recursively); "tokens": exactly one file; '
+                               '"shards": exactly one folder.')
     token_dtype: str = doc("uint16", 'Element type of a raw (non-.npy) token file: "uint8", "uint16" or "uint32".')
     batch_size: int = doc(16, 'Sequences per training batch on this peer.')
     val_fraction: float = doc(0.05, 'Fraction of the corpus held out for validation, 0 < f < 0.5.')
@@ -102,9 +104,10 @@ class DataConfig:
                 raise ValueError(f"data.paths entries must be non-empty strings, got {p!r}")
         if self.source == "text" and not self.paths:
             raise ValueError("data.paths must name at least one file when data.source is 'text'")
-        if self.source == "tokens" and len(self.paths) != 1:
+        if self.source in ("tokens", "shards") and len(self.paths) != 1:
+            what = "file" if self.source == "tokens" else "folder"
             raise ValueError(
-                f"data.paths must name exactly one file when data.source is 'tokens', got {self.paths!r}"
+                f"data.paths must name exactly one {what} when data.source is {self.source!r}, got {self.paths!r}"
             )
         if self.source == "stdlib" and self.paths:
             raise ValueError(f"data.paths must be empty when data.source is 'stdlib', got {self.paths!r}")
@@ -132,13 +135,25 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
 
 
-# Sizes of the embedded GPT that are large for a volunteer's CPU (docs/running-a-peer.md,
-# "Model sizes"): 12·n_layer·n_embd² parameters in the blocks, plus the embeddings.
+# Named sizes (docs/running-a-peer.md, "Model sizes"; docs/train-your-own-model.md for the Llama ones).
+# The embedded GPT: 12·n_layer·n_embd² parameters in the blocks, plus the embeddings. The Llama
+# presets are Hugging Face `transformers` Llamas (pip install "swarmtrain[hf]"): per block
+# 4·n_embd² (attention, fewer with n_kv_head < n_head) + 3·n_embd·intermediate (SwiGLU MLP), plus
+# 2·vocab·n_embd for the untied input and output embeddings; their vocabulary is the tokenizer's.
 MODEL_PRESETS: dict[str, dict] = {
     "25M": dict(n_layer=8, n_head=8, n_embd=512, block_size=256, about="25.5M parameters"),
     "50M": dict(n_layer=8, n_head=12, n_embd=720, block_size=256, about="50.2M parameters"),
     "100M": dict(n_layer=8, n_head=16, n_embd=1024, block_size=256, about="101.3M parameters"),
+    "llama-tiny": dict(arch="llama", n_layer=2, n_head=4, n_embd=64, intermediate_size=176, block_size=128,
+                       about="Llama, 0.10M + 128·vocab parameters (tests)"),
+    "llama-10M": dict(arch="llama", n_layer=6, n_head=6, n_embd=384, intermediate_size=1024, block_size=512,
+                      about="Llama, 10.6M + 768·vocab parameters"),
+    "llama-100M": dict(arch="llama", n_layer=12, n_head=12, n_embd=768, intermediate_size=2048, block_size=1024,
+                       about="Llama, 85.0M + 1536·vocab parameters"),
+    "llama-1B": dict(arch="llama", n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192,
+                     block_size=2048, about="Llama 3.2 1B's shape, 973M + 4096·vocab parameters"),
 }
+_ARCHS = ("gpt", "llama", "hf")
 
 
 @dataclass(kw_only=True)
@@ -151,7 +166,15 @@ class ModelConfig:
     n_head: int = doc(4, 'Number of attention heads per block; must divide n_embd.')
     n_embd: int = doc(128, 'Width of the residual stream C.')
     dropout: float = doc(0.0, 'Dropout probability used during training (0 disables dropout).')
-    preset: str = doc("", "a named size that sets n_layer, n_head, n_embd and block_size: "
+    arch: str = doc("gpt", '"gpt": the embedded byte-level GPT; "llama": a Hugging Face transformers Llama of these '
+                           'sizes; "hf": the causal LM that hf_config or init_from describes (pip install "swarmtrain[hf]")')
+    intermediate_size: int = doc(0, "llama: width of the MLP (0 = 8/3·n_embd, rounded up to a multiple of 64)")
+    n_kv_head: int = doc(0, "llama: key/value heads, grouped-query attention (0 = n_head)")
+    hf_config: str = doc("", "a transformers config.json (Llama, GPT-2, any causal LM) to build the model from; "
+                             "implies arch 'hf'; the size fields are then unused")
+    init_from: str = doc("", "a local from_pretrained folder every peer starts from (its config.json and weights); "
+                             "implies arch 'hf' ('' = seeded random weights)")
+    preset: str = doc("", "a named size that sets the architecture and its sizes: "
                           + ", ".join(f"{k} ({v['about']})" for k, v in MODEL_PRESETS.items()) + "; '' = the fields")
 
     def __post_init__(self) -> None:
@@ -161,8 +184,22 @@ class ModelConfig:
             for name, value in MODEL_PRESETS[self.preset].items():
                 if name != "about":
                     setattr(self, name, value)
+        if self.hf_config or self.init_from:
+            if self.hf_config and self.init_from:
+                raise ValueError("model.hf_config and model.init_from both name the architecture: set one")
+            self.arch = "hf"
+        if self.arch not in _ARCHS:
+            raise ValueError(f"model.arch must be one of {', '.join(_ARCHS)}, got {self.arch!r}")
+        if self.arch == "hf" and not (self.hf_config or self.init_from):
+            raise ValueError("model.arch 'hf' needs model.hf_config (a config.json) or model.init_from (a folder)")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             _check_positive_int(name, getattr(self, name))
+        for name in ("intermediate_size", "n_kv_head"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"model.{name} must be a non-negative integer (0 = derived), got {value!r}")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"

@@ -52,6 +52,19 @@ class Corpus:
     vocab_size: int
     # Human-readable summary, e.g. "stdlib: 812 files, 7.9 MB; val: 41 held-out files".
     description: str
+    # data.source "shards": the training shards (peer/shards.py); `train` is then the first of them.
+    train_shards: tuple[np.ndarray, ...] | None = None
+    # data.source "shards": the folder's tokenizer.json, if it has one (exported with the model).
+    tokenizer_file: Path | None = None
+
+    def sampler(self, *, block_size: int, batch_size: int, shard: tuple[int, int] | None,
+                seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches for one peer: random windows of `train`, or, from shards, a
+        non-overlapping pass over this peer's windows per epoch (peer.shards.WindowSampler)."""
+        if self.train_shards is not None:
+            from .shards import WindowSampler
+            return WindowSampler(self.train_shards, block_size=block_size, batch_size=batch_size, shard=shard, seed=seed)
+        return BatchSampler(self.train, block_size=block_size, batch_size=batch_size, shard=shard, seed=seed)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -269,6 +282,15 @@ def load_corpus(cfg: DataConfig, *, block_size: int = 64) -> Corpus:
         if not files:
             raise DataError(f"no data in {', '.join(cfg.paths)}: all files are empty")
         return _bytes_corpus("text", files, cfg, block_size)
+    if cfg.source == "shards":
+        from .shards import open_shards
+        shards = open_shards(cfg.paths[0])
+        m = shards.manifest
+        return Corpus(train=shards.train[0], val=shards.val_tokens(), vocab_size=m.vocab_size,
+                      description=f"shards: {cfg.paths[0]}, {shards.train_tokens:,} training tokens in "
+                                  f"{len(shards.train)} shard(s), vocab {m.vocab_size} ({m.tokenizer['kind']}); "
+                                  f"val: {len(shards.val_tokens()):,} tokens",
+                      train_shards=shards.train, tokenizer_file=shards.tokenizer_file())
     return _load_tokens(cfg)
 
 

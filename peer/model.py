@@ -138,16 +138,25 @@ class GPT(nn.Module):
         return logits, loss
 
 
-def build_model(cfg: ModelConfig, seed: int = 0) -> GPT:
-    """Build a GPT whose initial weights depend only on (cfg, seed).
+def build_model(cfg: ModelConfig, seed: int = 0) -> nn.Module:
+    """Build a model whose initial weights depend only on (cfg, seed).
 
     The model is created on the CPU under a forked RNG seeded with `seed`, so
     every peer with the same config and seed gets bit-identical weights (CPU
     init is deterministic across machines) and the caller's global RNG state
     is left untouched. Move it to the training device afterwards.
+
+    cfg.arch "gpt" is the embedded GPT below; "llama" and "hf" are Hugging Face
+    `transformers` models (peer/hf.py), called the same way: model(x, y) -> (logits, loss).
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    if cfg.arch != "gpt":
+        from .hf import build_hf_model
+        model = build_hf_model(cfg, seed)
+        if cfg.block_size > model.block_size:
+            raise ValueError(f"model.block_size {cfg.block_size} exceeds the model's {model.block_size} positions")
+        return model
     # devices=[]: only fork the CPU generator (init happens on the CPU), and seed
     # only that generator too, so CUDA RNG state is neither touched nor initialised.
     with torch.random.fork_rng(devices=[]):

@@ -1,10 +1,17 @@
 """The state a peer must agree on with the swarm, its serialization, and checkpoints on disk.
 
 A `SwarmState` is everything a newcomer needs to continue where the swarm is:
-θ_sync (the agreed parameters), the outer momentum buffer, and the round counter. It is
-saved with torch.save (weights_only-safe types only), written straight into the file (no
-serialized copy in memory) and loaded memory-mapped. Peers stream it to each other chunk by
-chunk (transfer.py); a download is checked against the θ_sync digest announced in the DHT.
+θ_sync (the agreed parameters), the outer momentum buffer, and the round counter. Peers stream
+it to each other chunk by chunk (transfer.py); a download is checked against the θ_sync digest
+announced in the DHT.
+
+Checkpoints are safetensors files, `ckpt-rNNNNNN.safetensors`: the tensors `theta_sync` and
+`momentum_buf` (fp32 [P]), and in the header's metadata (a small JSON any safetensors reader
+shows) the format, round, model fingerprint, samples and, when the peer knows it, the model's
+description (`model`: the transformers config, or the embedded GPT's sizes), which is what
+`swarm-bootstrap export` rebuilds the model from. safetensors writes the tensors straight from
+their memory (no serialized copy) and holds no pickled code. Checkpoints of the first format
+(`ckpt-rNNNNNN.pt`, torch.save of the same fields) still load.
 
 Checkpoints are written atomically: to a temporary file in the same directory, fsynced,
 then renamed over the final name. A crash mid-write leaves the previous checkpoint intact.
@@ -13,18 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from averaging.errors import ModelMismatchError, StateError
 
-FORMAT = "swarmtrain-state/1"
-_CKPT_RE = re.compile(r"^ckpt-r(\d{6,})\.pt$")
+from .fsutil import atomic_path
+
+FORMAT = "swarmtrain-state/1"  # the torch.save form: legacy checkpoints (.pt), and `to_bytes`
+CKPT_FORMAT = "swarmtrain-checkpoint/2"  # safetensors checkpoints
+_CKPT_RE = re.compile(r"^ckpt-r(\d{6,})\.(pt|safetensors)$")
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,10 @@ class SwarmState:
             raise StateError(f"{source}: not a swarmtrain state ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from e
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise StateError(f"{source}: not a swarmtrain state (format {obj.get('format') if isinstance(obj, dict) else type(obj).__name__!r})")
+        return cls._validated(obj, source=source, fingerprint=fingerprint, numel=numel)
+
+    @classmethod
+    def _validated(cls, obj: dict, *, source: str, fingerprint: str | None, numel: int | None) -> "SwarmState":
         if fingerprint is None and isinstance(obj.get("fingerprint"), str):
             fingerprint = obj["fingerprint"]
         if obj.get("fingerprint") != fingerprint:
@@ -97,6 +111,48 @@ class SwarmState:
             raise StateError(f"{source}: contains NaN or Inf")
         return cls(rnd, fingerprint, theta.reshape(-1), None if mom is None else mom.reshape(-1), samples)
 
+    def save_safetensors(self, path: str | Path, *, model: dict | None = None) -> None:
+        """Write this state as a safetensors file at `path` (not atomically: CheckpointDir does that)."""
+        from safetensors.torch import save_file
+
+        tensors = {"theta_sync": self.theta_sync.detach().cpu().contiguous()}
+        if self.momentum_buf is not None:
+            tensors["momentum_buf"] = self.momentum_buf.detach().cpu().contiguous()
+        meta = {"format": CKPT_FORMAT, "round": str(self.round), "fingerprint": self.fingerprint,
+                "samples": str(self.samples)}
+        if model is not None:
+            meta["model"] = json.dumps(model, separators=(",", ":"))
+        save_file(tensors, str(path), metadata=meta)
+
+
+def _read_safetensors(path: Path, source: str, fingerprint: str | None, numel: int | None) -> tuple[SwarmState, dict]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CKPT_FORMAT:
+                raise StateError(f"{source}: not a swarmtrain checkpoint (format {meta.get('format')!r})")
+            keys = set(f.keys())
+            if "theta_sync" not in keys or not keys <= {"theta_sync", "momentum_buf"}:
+                raise StateError(f"{source}: holds tensors {sorted(keys)}, expected theta_sync and momentum_buf")
+            obj: dict[str, Any] = {"format": FORMAT, "fingerprint": meta.get("fingerprint")}
+            for name in ("round", "samples"):
+                value = meta.get(name, "0")
+                obj[name] = int(value) if value.isdigit() else value
+            if fingerprint is None or meta.get("fingerprint") == fingerprint:  # read no tensor of another model
+                obj["theta_sync"] = f.get_tensor("theta_sync")
+                obj["momentum_buf"] = f.get_tensor("momentum_buf") if "momentum_buf" in keys else None
+    except OSError as e:
+        raise StateError(f"cannot read {source}: {e.strerror or e}") from e
+    except SafetensorError as e:
+        raise StateError(f"{source}: not a safetensors file ({str(e).splitlines()[0][:120]})") from e
+    try:
+        model = json.loads(meta["model"]) if "model" in meta else {}
+    except ValueError:
+        raise StateError(f"{source}: its model description is not valid JSON") from None
+    return SwarmState._validated(obj, source=source, fingerprint=fingerprint, numel=numel), model
+
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -105,24 +161,17 @@ def digest(data: bytes) -> str:
 class CheckpointDir:
     """Checkpoints `ckpt-rNNNNNN.pt` in one directory, written atomically, the last K kept."""
 
-    def __init__(self, path: str | Path, keep_last: int = 3) -> None:
+    def __init__(self, path: str | Path, keep_last: int = 3, *, model: dict | None = None) -> None:
+        """`model`: the model's description (peer.hf.describe_model), saved in every checkpoint."""
         self.path = Path(path)
         self.keep_last = keep_last
+        self.model = model
 
     def save(self, state: SwarmState) -> Path:
         """Write atomically. On any error the previous checkpoints are untouched."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        final = self.path / f"ckpt-r{state.round:06d}.pt"
-        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=self.path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                state.write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)  # atomic on POSIX
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        final = self.path / f"ckpt-r{state.round:06d}.safetensors"
+        with atomic_path(final) as tmp:
+            state.save_safetensors(tmp, model=self.model)
         self._prune()
         return final
 
@@ -140,9 +189,23 @@ class CheckpointDir:
     @staticmethod
     def load(path: str | Path, *, fingerprint: str | None, numel: int | None) -> SwarmState:
         """Load and validate a checkpoint file. The file is never modified."""
+        return CheckpointDir.load_with_model(path, fingerprint=fingerprint, numel=numel)[0]
+
+    @staticmethod
+    def load_with_model(path: str | Path, *, fingerprint: str | None, numel: int | None) -> tuple[SwarmState, dict]:
+        """The checkpoint's state and its model description ({} if it has none: the .pt format,
+        or a state saved by a node that does not know the model, like an archivist)."""
         p = Path(path)
+        source = f"checkpoint {p}"
+        if not p.is_file():
+            raise StateError(f"cannot read {source}: {'it is a directory' if p.is_dir() else 'no such file'}")
+        if p.suffix == ".safetensors":
+            return _read_safetensors(p, source, fingerprint, numel)
+        if p.suffix != ".pt":
+            raise StateError(f"{source}: not a swarmtrain checkpoint (expected ckpt-rNNNNNN.safetensors, or .pt of the "
+                             f"first format)")
         # memory-mapped: the file is not read into memory first (the caller copies what it keeps)
-        return SwarmState._load(str(p), source=f"checkpoint {p}", fingerprint=fingerprint, numel=numel, mmap=True)
+        return SwarmState._load(str(p), source=source, fingerprint=fingerprint, numel=numel, mmap=True), {}
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

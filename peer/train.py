@@ -16,7 +16,7 @@ import torch
 from .api import Peer
 from .config import RunConfig
 from .configlib import ConfigError
-from .data import BatchSampler, estimate_loss, load_corpus, parse_shard
+from .data import estimate_loss, load_corpus, parse_shard
 from .device import autocast, detect_device
 from .model import build_model, count_parameters
 from .progress import ProgressSnapshot, RoundInfo, make_progress
@@ -35,8 +35,10 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.threads)
     device = detect_device(cfg.train.device)
     corpus = load_corpus(cfg.data, block_size=cfg.model.block_size)
-    if corpus.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"data has tokens up to {corpus.vocab_size - 1} but model.vocab_size is {cfg.model.vocab_size}")
+    if corpus.vocab_size > cfg.model.vocab_size and cfg.model.arch != "hf":
+        # shards declare their tokenizer's vocabulary (a Llama's must hold it); other data, the largest id seen
+        raise ConfigError(f"the data has a vocabulary of {corpus.vocab_size} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size}: set --model.vocab-size {corpus.vocab_size}")
     model = build_model(cfg.model, seed=cfg.train.seed).to(device)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.SGD
     opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -50,8 +52,8 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
 
     progress = make_progress(cfg.log, run_config=None)  # before joining: a missing tracker package fails fast
     with progress, Peer(model, opt, cfg.peer_config(), flops_per_sample=flops_per_sample) as peer:
-        sampler = iter(BatchSampler(corpus.train, block_size=cfg.model.block_size, batch_size=cfg.data.batch_size,
-                                    shard=parse_shard(cfg.data.shard), seed=peer.seed))
+        sampler = corpus.sampler(block_size=cfg.model.block_size, batch_size=cfg.data.batch_size,
+                                 shard=parse_shard(cfg.data.shard), seed=peer.seed)
         val_start = val_loss()
         val_final, round_losses = val_start, [(peer.round, val_start)]
         val_by_samples = [(peer.total_samples, val_start)]  # this peer's own samples at each evaluation

@@ -4,8 +4,8 @@ from __future__ import annotations
 import signal
 
 import pytest
-import torch
 
+from peer.state import CheckpointDir
 from .conftest import summary, wait_exit, wait_for
 
 
@@ -19,11 +19,11 @@ def test_run_survives_all_trainers_leaving(procs):
         assert wait_exit(procs, p, 200) == 0, procs.log(p)[-3000:]
     done = summary(procs, "a0")
     assert done["rounds"] == 3
-    ckpt = archive / "ckpt-r000003.pt"
+    ckpt = archive / "ckpt-r000003.safetensors"
     wait_for(ckpt.exists, 60, "the archivist to save round 3", boot)
-    archived = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert archived["round"] == 3
-    assert len(list(archive.glob("ckpt-r*.pt"))) <= 2  # keep_last
+    archived = CheckpointDir.load(ckpt, fingerprint=None, numel=None)
+    assert archived.round == 3
+    assert len(list(archive.glob("ckpt-r*.safetensors"))) <= 2  # keep_last
 
     # Every trainer has left. New trainers continue from the archived round, not from scratch.
     second = [procs.peer(f"b{i}", addr, "--sync.every-steps", "10", "--train.max-rounds", "5") for i in range(2)]

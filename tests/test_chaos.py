@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from peer.state import CheckpointDir
 from .conftest import NEEDS_NETNS, Wan, summary, wait_exit, wait_for
 
 pytestmark = NEEDS_NETNS
@@ -98,8 +99,8 @@ def test_chaos_kills_bootstrap_restart_and_link_cut(procs, capsys):
         assert all(s["rounds"] == ROUNDS for s in sums.values()), sums
         assert len({s["digest"] for s in sums.values()}) == 1, "live peers disagree after the last round"
         for d in run["ckpt"]:
-            for f in d.glob("ckpt-r*.pt"):
-                assert torch.isfinite(torch.load(f, map_location="cpu", weights_only=True)["theta_sync"]).all(), f
+            for f in d.glob("ckpt-r*.safetensors"):
+                assert torch.isfinite(CheckpointDir.load(f, fingerprint=None, numel=None).theta_sync).all(), f
     # The cut peer averaged with others again after its link came back (unless it was killed
     # later, in which case its successor did, which the rounds/digest checks above cover).
     name, offset = wild["cut"]

@@ -15,7 +15,7 @@ from .conftest import PY, REPO, summary, wait_exit, wait_for
 
 
 def theta(path) -> torch.Tensor:
-    return torch.load(path, map_location="cpu", weights_only=True)["theta_sync"]
+    return CheckpointDir.load(path, fingerprint=None, numel=None).theta_sync
 
 
 @pytest.mark.timeout(400)
@@ -34,8 +34,8 @@ def test_late_joiner_downloads_state_and_agrees(procs):
     own = [int(r) for r in re.findall(r"round (\d+) complete: 3 peers", log)]
     assert own, "the late peer never completed a round with the others"
     for r in own:  # after each complete round it holds exactly the others' parameters
-        ref = theta(procs.tmp / "early0" / f"ckpt-r{r:06d}.pt")
-        assert torch.equal(theta(procs.tmp / "late" / f"ckpt-r{r:06d}.pt"), ref)
+        ref = theta(procs.tmp / "early0" / f"ckpt-r{r:06d}.safetensors")
+        assert torch.equal(theta(procs.tmp / "late" / f"ckpt-r{r:06d}.safetensors"), ref)
     assert "served state of round" in procs.log(early[0]) + procs.log(early[1])
     assert len({summary(procs, n)["digest"] for n in ("early0", "early1", "late")}) == 1
 

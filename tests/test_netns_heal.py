@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from peer.state import CheckpointDir
 from .conftest import FAST_PEER, NEEDS_NETNS, Wan, wait_for
 
 pytestmark = NEEDS_NETNS
@@ -52,7 +53,7 @@ def test_a_20s_link_cut_heals(procs):
         during = [procs.log(p)[n:m] for p, n, m in zip((a, b), cut_at, after)]
         assert not any("complete: 2 peers" in d for d in during[1:]), "b averaged while its link was down?"
         r = min(both)
-        thetas = [torch.load(procs.tmp / f"ckpt-{n}" / f"ckpt-r{r:06d}.pt", map_location="cpu", weights_only=True)["theta_sync"]
+        thetas = [CheckpointDir.load(procs.tmp / f"ckpt-{n}" / f"ckpt-r{r:06d}.safetensors", fingerprint=None, numel=None).theta_sync
                   for n in ("a", "b")]
         assert torch.equal(thetas[0], thetas[1]), f"a and b disagree after round {r}"
         for p in (a, b, boot):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import random
@@ -9,6 +10,8 @@ import pickle
 
 import pytest
 import torch
+
+import peer.fsutil as fsutil_mod
 from torch import nn
 
 from averaging.errors import ModelMismatchError, StateError
@@ -309,7 +312,7 @@ def test_checkpoint_save_name_load_and_latest(tmp_path):
     d = CheckpointDir(tmp_path / "ck", keep_last=3)
     assert d.list() == [] and d.latest() is None  # directory does not exist yet
     p = d.save(make_state(rnd=3))
-    assert p == tmp_path / "ck" / "ckpt-r000003.pt" and p.is_file()
+    assert p == tmp_path / "ck" / "ckpt-r000003.safetensors" and p.is_file()
     assert d.latest() == p
     s = CheckpointDir.load(p, fingerprint=FP, numel=5)
     assert s.round == 3 and torch.equal(s.theta_sync, make_state().theta_sync)
@@ -319,9 +322,9 @@ def test_checkpoint_keep_last_prunes_oldest(tmp_path):
     d = CheckpointDir(tmp_path, keep_last=3)
     for r in (1, 2, 3, 4, 5):
         d.save(make_state(rnd=r))
-    assert [p.name for p in d.list()] == ["ckpt-r000003.pt", "ckpt-r000004.pt", "ckpt-r000005.pt"]
-    assert d.latest().name == "ckpt-r000005.pt"
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-r000003.pt", "ckpt-r000004.pt", "ckpt-r000005.pt"]
+    assert [p.name for p in d.list()] == ["ckpt-r000003.safetensors", "ckpt-r000004.safetensors", "ckpt-r000005.safetensors"]
+    assert d.latest().name == "ckpt-r000005.safetensors"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-r000003.safetensors", "ckpt-r000004.safetensors", "ckpt-r000005.safetensors"]
 
 
 def test_checkpoint_keep_last_zero_keeps_all(tmp_path):
@@ -336,11 +339,12 @@ def test_checkpoint_list_is_numeric_and_ignores_strays(tmp_path):
     d.save(make_state(rnd=999999))
     d.save(make_state(rnd=1000000))  # 7 digits sorts after 6 numerically
     d.save(make_state(rnd=2))
-    for stray in (".ckpt-xxx.tmp", "ckpt-r1.pt", "ckpt-r000004.pt.bak", "notes.txt", "ckpt-r00000a.pt"):
+    for stray in (".ckpt-xxx.tmp", "ckpt-r1.pt", "ckpt-r000004.pt.bak", "notes.txt", "ckpt-r00000a.pt",
+                  "ckpt-r1.safetensors", "ckpt-r000005.safetensors.tmp"):
         (tmp_path / stray).write_bytes(b"junk")
     names = [p.name for p in d.list()]
-    assert names == ["ckpt-r000002.pt", "ckpt-r999999.pt", "ckpt-r1000000.pt"]
-    assert d.latest().name == "ckpt-r1000000.pt"
+    assert names == ["ckpt-r000002.safetensors", "ckpt-r999999.safetensors", "ckpt-r1000000.safetensors"]
+    assert d.latest().name == "ckpt-r1000000.safetensors"
 
 
 def test_checkpoint_prune_leaves_strays_alone(tmp_path):
@@ -348,7 +352,7 @@ def test_checkpoint_prune_leaves_strays_alone(tmp_path):
     d = CheckpointDir(tmp_path, keep_last=1)
     d.save(make_state(rnd=1))
     d.save(make_state(rnd=2))
-    assert sorted(os.listdir(tmp_path)) == [".ckpt-xxx.tmp", "ckpt-r000002.pt"]
+    assert sorted(os.listdir(tmp_path)) == [".ckpt-xxx.tmp", "ckpt-r000002.safetensors"]
 
 
 def test_checkpoint_overwrite_same_round(tmp_path):
@@ -359,11 +363,12 @@ def test_checkpoint_overwrite_same_round(tmp_path):
     assert CheckpointDir.load(d.latest(), fingerprint=FP, numel=5).samples == 2
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04truncated zip"])
-def test_checkpoint_load_corrupt_file_untouched(tmp_path, content):
+@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04truncated zip", b"\xff" * 8 + b"{}"])
+def test_checkpoint_load_corrupt_file_untouched(tmp_path, content, suffix):
     d = CheckpointDir(tmp_path)
     good = d.save(make_state(rnd=1))
-    bad = tmp_path / "ckpt-r000002.pt"
+    bad = tmp_path / f"ckpt-r000002.{suffix}"
     bad.write_bytes(content)
     assert d.latest() == bad
     with pytest.raises(StateError) as ei:
@@ -391,6 +396,47 @@ def test_checkpoint_load_missing_or_directory(tmp_path):
         CheckpointDir.load(tmp_path, fingerprint=FP, numel=5)
 
 
+def test_checkpoint_is_plain_safetensors_with_its_model_description(tmp_path):
+    """Any safetensors reader sees θ_sync, the momentum and, in the header, round, fingerprint
+    and the model's description; swarmtrain reads the description back for export."""
+    from safetensors import safe_open
+
+    card = {"arch": "gpt", "vocab_size": 256, "block_size": 8, "n_layer": 1, "n_head": 1, "n_embd": 4}
+    p = CheckpointDir(tmp_path, model=card).save(make_state(rnd=7, samples=3))
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["round"] == "7" and meta["fingerprint"] == FP and json.loads(meta["model"]) == card
+        assert torch.equal(f.get_tensor("theta_sync"), make_state().theta_sync)
+    state, model = CheckpointDir.load_with_model(p, fingerprint=FP, numel=5)
+    assert (state.round, state.samples, model) == (7, 3, card)
+
+
+def test_checkpoint_of_the_first_format_still_loads(tmp_path):
+    """A ckpt-rNNNNNN.pt written by earlier versions (torch.save) is listed, loaded and resumed from."""
+    old = tmp_path / "ckpt-r000004.pt"
+    with old.open("wb") as f:
+        make_state(rnd=4, samples=9).write(f)
+    d = CheckpointDir(tmp_path)
+    assert d.latest() == old
+    s, model = CheckpointDir.load_with_model(old, fingerprint=FP, numel=5)
+    assert (s.round, s.samples, model) == (4, 9, {}) and torch.equal(s.theta_sync, make_state().theta_sync)
+    assert d.save(make_state(rnd=5)).suffix == ".safetensors" and d.latest().name == "ckpt-r000005.safetensors"
+
+
+def test_checkpoint_of_another_program_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "ckpt-r000001.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(p), metadata={"format": "pt"})
+    with pytest.raises(StateError, match="not a swarmtrain checkpoint") as ei:
+        CheckpointDir.load(p, fingerprint=None, numel=None)
+    one_line(ei.value)
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"x")
+    with pytest.raises(StateError, match="not a swarmtrain checkpoint"):
+        CheckpointDir.load(other, fingerprint=None, numel=None)
+
+
 def test_checkpoint_load_wrong_model(tmp_path):
     p = CheckpointDir(tmp_path).save(make_state(rnd=1))
     with pytest.raises(ModelMismatchError):
@@ -408,11 +454,11 @@ def test_checkpoint_failed_write_keeps_previous(tmp_path, monkeypatch, where):
     d = CheckpointDir(tmp_path, keep_last=1)
     prev = d.save(make_state(rnd=1))
     prev_bytes = prev.read_bytes()
-    monkeypatch.setattr(state_mod.os, where, _boom)
+    monkeypatch.setattr(fsutil_mod.os, where, _boom)
     with pytest.raises(OSError):
         d.save(make_state(rnd=2))
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-r000001.pt"]  # no temp file, no partial ckpt, no prune
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-r000001.safetensors"]  # no temp file, no partial ckpt, no prune
     assert d.list() == [prev] and prev.read_bytes() == prev_bytes
     assert CheckpointDir.load(prev, fingerprint=FP, numel=5).round == 1
 
@@ -420,9 +466,9 @@ def test_checkpoint_failed_write_keeps_previous(tmp_path, monkeypatch, where):
 def test_checkpoint_failed_overwrite_of_same_round_keeps_old_content(tmp_path, monkeypatch):
     d = CheckpointDir(tmp_path)
     p = d.save(make_state(rnd=1, samples=1))
-    monkeypatch.setattr(state_mod.os, "replace", _boom)
+    monkeypatch.setattr(fsutil_mod.os, "replace", _boom)
     with pytest.raises(OSError):
         d.save(make_state(rnd=1, samples=2))
     monkeypatch.undo()
     assert CheckpointDir.load(p, fingerprint=FP, numel=5).samples == 1
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-r000001.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-r000001.safetensors"]

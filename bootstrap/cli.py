@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["keygen"]:
         return keygen(argv[1:])
+    if argv[:1] == ["export"]:  # `swarm-bootstrap export --checkpoint DIR --out FOLDER`: a Hugging Face folder
+        from .export import main as export_main
+        return export_main(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hivemind").setLevel(logging.WARNING)
     try:

@@ -35,7 +35,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse(argv: list[str] | None) -> RunConfig:
     p = OneLineParser(prog="swarm-peer", description="Join a swarmtrain run and train. "
-                      "(`swarm-peer status --join ADDR` shows a running swarm instead.)", allow_abbrev=False,
+                      "(`swarm-peer status --join ADDR` shows a running swarm instead; "
+                      "`swarm-peer prepare TEXT --out DIR` writes token shards.)", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="TOML run config (flags override it)")
     p.add_argument("--join", action="append", default=[], metavar="MULTIADDR",
@@ -77,6 +78,9 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["status"]:  # `swarm-peer status --join ADDR`: show the swarm, train nothing
         from .status import main as status_main
         return status_main(argv[1:])
+    if argv[:1] == ["prepare"]:  # `swarm-peer prepare TEXT --out DIR`: token shards for --data.source shards
+        from .prepare import main as prepare_main
+        return prepare_main(argv[1:])
     try:
         cfg = parse(argv)
     except (configlib.ConfigError, ValueError) as e:

@@ -34,6 +34,7 @@ def _transformers() -> Any:
         raise ConfigError('Llama and Hugging Face models need the transformers package: '
                           'pip install "swarmtrain[hf]"') from None
     transformers.logging.set_verbosity_error()  # its "you should train this model" notes are for fine-tuning
+    transformers.utils.logging.disable_progress_bar()  # no bars in a peer's log
     return transformers
 
 

@@ -49,11 +49,13 @@ class Manifest:
     eos_id: int | None  # appended after every document, if the tokenizer has one
     tokenizer: dict  # {"kind": "bytes"} or {"kind": "tokenizers", "file": "tokenizer.json", "sha256": ...}
     shards: tuple[ShardInfo, ...]
-    documents: int  # input pieces (files, or parts of large files)
+    # The input pieces in the order their tokens were written, each {"name", "split", "tokens"}:
+    # a file ("a/b.txt") or a ≤ 1 MiB part of a large one ("a/b.txt#3"), with its end-of-text token.
+    documents: tuple[dict, ...] = ()
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "dtype": self.dtype, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
-                "tokenizer": self.tokenizer, "documents": self.documents,
+                "tokenizer": self.tokenizer, "documents": list(self.documents),
                 "shards": [s.__dict__ for s in self.shards]}
 
     @classmethod
@@ -88,8 +90,17 @@ class Manifest:
         for split in ("train", "val"):
             if not any(s.split == split for s in shards):
                 raise bad(f"has no {split} shard")
-        docs = obj.get("documents", 0)
-        return cls(dtype, vocab, eos, tok, tuple(shards), docs if _is_int(docs) else 0)
+        docs = obj.get("documents", [])
+        if not isinstance(docs, list) or not all(
+                isinstance(d, dict) and isinstance(d.get("name"), str) and d.get("split") in ("train", "val")
+                and _is_int(d.get("tokens")) and d["tokens"] >= 0 for d in docs):
+            raise bad("malformed documents list")
+        for split in ("train", "val"):
+            listed, held = (sum(d["tokens"] for d in docs if d["split"] == split),
+                            sum(s.tokens for s in shards if s.split == split))
+            if docs and listed != held:
+                raise bad(f"its documents hold {listed} {split} tokens, its shards {held}")
+        return cls(dtype, vocab, eos, tok, tuple(shards), tuple(docs))
 
 
 def _is_int(v: object) -> bool:

@@ -1,0 +1,260 @@
+"""Real models, real data, real checkpoints (issue 18): token shards, Hugging Face Llamas in a
+swarm, safetensors checkpoints, and the export that `from_pretrained` loads."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from averaging.flat import flatten_params, parameter_schema, schema_fingerprint, write_flat_
+from bootstrap.export import export
+from bootstrap.export import main as export_main
+from peer import prepare as prepare_mod
+from peer.config import ModelConfig
+from peer.data import DataError
+from peer.hf import describe_model
+from peer.model import build_model
+from peer.prepare import load_tokenizer, prepare
+from peer.shards import WindowSampler, open_shards
+from peer.state import CheckpointDir, SwarmState
+from .conftest import summary, wait_exit
+
+TEXT = {
+    "a.txt": "The quick brown fox jumps over the lazy dog.\n" * 40,
+    "b/c.md": "# Notes\n\nDiLoCo averages pseudo-gradients.\nÜnïcödé survives: naïve café, 東京.\n" * 30,
+    "b/d.py": "def f(x):\n    return x * 2\n\n" * 50,
+    "e.txt": "",
+    "f.txt": "lorem ipsum dolor sit amet, consectetur adipiscing elit\n" * 35,
+    "g.txt": "one line without a newline at the end",
+}
+
+
+def sentences(n_files: int, seed: int = 0) -> dict[str, str]:
+    """Files of one distribution (a small grammar), so held-out files measure learning."""
+    rng = np.random.default_rng(seed)
+    who, does, what = (["the fox", "a peer", "the swarm", "my model", "every node"],
+                       ["trains", "averages", "sends", "learns", "checks"],
+                       ["the weights.", "a round.", "its shard.", "the loss.", "new tokens."])
+    return {f"doc{i:02d}.txt": "".join(f"{rng.choice(who)} {rng.choice(does)} {rng.choice(what)}\n" for _ in range(60))
+            for i in range(n_files)}
+
+
+def corpus(root, text=TEXT):
+    for rel, content in text.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(content, encoding="utf-8")
+    return root
+
+
+def decoded_documents(folder):
+    """{piece name: its bytes}, decoded from the shards in the manifest's order."""
+    shards = open_shards(folder)
+    m = shards.manifest
+    tok_file = shards.tokenizer_file()
+    tok = load_tokenizer(tok_file) if tok_file else prepare_mod.Tokenizer()
+    streams = {s: np.concatenate(getattr(shards, s)) for s in ("train", "val")}
+    pos, out = {"train": 0, "val": 0}, {}
+    for d in m.documents:
+        ids = streams[d["split"]][pos[d["split"]]:pos[d["split"]] + d["tokens"]]
+        pos[d["split"]] += d["tokens"]
+        if m.eos_id is not None and not d["name"].count("#"):  # a whole file: its end-of-text token ends it
+            assert ids[-1] == m.eos_id
+            ids = ids[:-1]
+        out[d["name"]] = tok.decode(ids)
+    assert pos == {s: len(a) for s, a in streams.items()}  # every token belongs to one document
+    return out
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "trained"])
+def test_prepare_writes_shards_whose_decode_is_the_input(tmp_path, tokenizer):
+    src = corpus(tmp_path / "text")
+    out = tmp_path / "data"
+    m = prepare([str(src)], out, train_vocab=300 if tokenizer == "trained" else 0, val_fraction=0.2,
+                shard_tokens=1024)
+    assert m.vocab_size == (300 if tokenizer == "trained" else 256)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", *(s.file for s in m.shards)] + (["tokenizer.json"] if tokenizer == "trained" else []))
+    assert len([s for s in m.shards if s.split == "train"]) > 1  # 1024 tokens a shard: several
+    docs = decoded_documents(out)
+    assert docs == {rel: content.encode() for rel, content in TEXT.items()}
+    splits = {d["name"]: d["split"] for d in m.documents}
+    assert "val" in splits.values() and "train" in splits.values()
+    # The same input gives the same folder, byte for byte (peers may prepare their own copy).
+    again = prepare([str(src)], tmp_path / "again", train_vocab=300 if tokenizer == "trained" else 0,
+                    val_fraction=0.2, shard_tokens=1024)
+    assert again == m
+
+
+def test_prepare_cuts_large_files_at_line_ends_and_decodes_them_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_mod, "PIECE_BYTES", 1000)
+    lines = "".join(f"line {i}: {'x' * (i % 50)}\n" for i in range(600))
+    src = corpus(tmp_path / "text", {"big.txt": lines, "small.txt": "tiny\n"})
+    m = prepare([str(src)], tmp_path / "data", val_fraction=0.3)
+    names = [d["name"] for d in m.documents]
+    assert len([n for n in names if n.startswith("big.txt#")]) > 10
+    docs = decoded_documents(tmp_path / "data")
+    assert all(piece.endswith(b"\n") for n, piece in docs.items() if n.startswith("big"))  # cut at line ends
+    big = b"".join(docs[n] for n in names if n.startswith("big.txt#"))
+    assert big == lines.encode()
+
+
+def test_prepare_bad_input_is_one_line_and_leaves_nothing(tmp_path):
+    src = corpus(tmp_path / "text")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "x.bin").write_bytes(b"\xff\xfe\x00" * 100)
+    (tmp_path / "bin" / "y.bin").write_bytes(b"\xff\xfe\x01" * 100)
+    cases = [
+        (dict(paths=[str(tmp_path / "missing")]), "does not exist"),
+        (dict(paths=[str(src)], tokenizer=str(tmp_path / "nope.json")), "cannot load tokenizer"),
+        (dict(paths=[str(src)], train_vocab=100), "vocabulary size"),
+        (dict(paths=[str(tmp_path / "bin")], train_vocab=300), "not UTF-8 text"),
+        (dict(paths=[str(src / "g.txt")]), "too little to hold out"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(DataError, match=message) as ei:
+            prepare(out=tmp_path / "out", **kwargs)
+        assert "\n" not in str(ei.value)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    prepare([str(tmp_path / "bin")], tmp_path / "out")  # bytes need no text: any file
+    with pytest.raises(DataError, match="not an empty folder"):
+        prepare([str(src)], tmp_path / "out")
+
+
+def test_a_corrupt_shard_or_manifest_is_one_line(tmp_path):
+    src = corpus(tmp_path / "text")
+    good = tmp_path / "good"
+    prepare([str(src)], good, train_vocab=300, val_fraction=0.2)
+    open_shards(good)
+
+    def broken(name, damage):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        damage(d)
+        with pytest.raises(DataError) as ei:
+            open_shards(d)
+        assert "\n" not in str(ei.value)
+        return str(ei.value)
+
+    def flip(d):
+        p = d / "train-00000.bin"
+        b = bytearray(p.read_bytes())
+        b[10] ^= 1
+        p.write_bytes(bytes(b))
+
+    def edit(d, **changes):
+        obj = json.loads((d / "manifest.json").read_text())
+        obj.update(changes)
+        (d / "manifest.json").write_text(json.dumps(obj))
+
+    assert "corrupt" in broken("flipped", flip)
+    assert "truncated" in broken("short", lambda d: (d / "val-00000.bin").write_bytes((d / "val-00000.bin").read_bytes()[:-2]))
+    assert "missing" in broken("gone", lambda d: (d / "train-00000.bin").unlink())
+    assert "not valid JSON" in broken("json", lambda d: (d / "manifest.json").write_text("{\"format\": "))
+    assert "not a swarmtrain shard manifest" in broken("format", lambda d: edit(d, format="other/1"))
+    assert "dtype" in broken("dtype", lambda d: edit(d, dtype="float32"))
+    assert "not a file name" in broken("escape", lambda d: edit(d, tokenizer={"kind": "tokenizers", "file": "../x"}))
+    assert "tokenizer" in broken("tok", lambda d: (d / "tokenizer.json").write_text("{}"))
+    assert "no shard folder" not in broken("nomanifest", lambda d: (d / "manifest.json").unlink())
+    with pytest.raises(DataError, match="does not exist"):
+        open_shards(tmp_path / "nowhere")
+
+
+def test_windows_are_disjoint_between_peers_and_cover_the_data_every_epoch():
+    arrays = (np.arange(1000, dtype=np.uint16), np.arange(1000, 1700, dtype=np.uint16))
+    T = 10
+    starts = {}
+    for i in range(3):
+        s = WindowSampler(arrays, block_size=T, batch_size=4, shard=(i, 3), seed=99 + i)
+        seen = []
+        for _ in range(s.windows // 4):
+            x, y = next(s)
+            assert torch.equal(x[:, 1:], y[:, :-1])
+            seen += [int(v) for v in x[:, 0]]
+        starts[i] = seen
+        assert len(set(seen)) == len(seen)  # one pass: no window twice in an epoch
+    assert not set(starts[0]) & set(starts[1]) and not set(starts[1]) & set(starts[2])  # peers never share one
+    every = {a[k * T] for a in arrays for k in range((len(a) - 1) // T)}
+    assert set().union(*starts.values()) <= every and len(set().union(*starts.values())) >= len(every) - 3 * 4
+    # Windows never straddle two shards: each window's tokens are consecutive.
+    s = WindowSampler(arrays, block_size=T, batch_size=8, shard=None, seed=1)
+    for _ in range(30):
+        x, y = next(s)
+        assert bool((torch.diff(torch.cat([x, y[:, -1:]], 1)) == 1).all())
+    assert s.epoch >= 1  # the second epoch came, in another order
+    with pytest.raises(DataError, match="fewer than one batch"):
+        WindowSampler(arrays, block_size=T, batch_size=100, shard=(0, 3), seed=0)
+
+
+def test_llama_weights_are_identical_for_one_seed_and_differ_for_another():
+    cfg = ModelConfig(preset="llama-tiny", vocab_size=300)
+    a, b, c = (flatten_params(build_model(cfg, seed=s).parameters()) for s in (4, 4, 5))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    x = torch.randint(0, 300, (2, 16))
+    logits, loss = build_model(cfg, seed=4)(x, x)
+    ref = torch.nn.functional.cross_entropy(logits.view(-1, 300), x.view(-1))
+    assert torch.allclose(loss, ref)  # the model's own loss: every position of the window counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt"])
+def test_export_loads_with_from_pretrained_and_gives_the_swarms_logits(tmp_path, arch):
+    cfg = ModelConfig(preset="llama-tiny", vocab_size=300) if arch == "llama" else ModelConfig(n_layer=2)
+    model = build_model(cfg, seed=1)
+    theta = flatten_params(model.parameters()) + 0.05 * torch.randn(sum(p.numel() for p in model.parameters()))
+    write_flat_(list(model.parameters()), theta)  # "trained": not the seed's weights
+    fp = schema_fingerprint(parameter_schema(model.named_parameters()))
+    CheckpointDir(tmp_path / "ck", model=describe_model(model)).save(SwarmState(9, fp, theta, torch.zeros_like(theta)))
+    prepare([str(corpus(tmp_path / "text"))], tmp_path / "data", train_vocab=300)
+    out, rnd = export(tmp_path / "ck", tmp_path / "hf", tokenizer=tmp_path / "data" / "tokenizer.json")
+    assert rnd == 9
+    hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    x = torch.randint(0, cfg.vocab_size, (3, 24))
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=x).logits, model(x)[0], atol=1e-5, rtol=0)
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok.decode(tok("naïve café\n")["input_ids"]) == "naïve café\n"
+
+
+def test_export_refuses_a_wrong_model_and_a_checkpoint_that_does_not_say(tmp_path, capsys):
+    model = build_model(ModelConfig(preset="llama-tiny"), seed=0)
+    theta = flatten_params(model.parameters())
+    fp = schema_fingerprint(parameter_schema(model.named_parameters()))
+    CheckpointDir(tmp_path / "archive").save(SwarmState(3, fp, theta, None))  # an archivist's: no description
+    assert export_main(["--checkpoint", str(tmp_path / "archive"), "--out", str(tmp_path / "a")]) == 1
+    assert "does not say which model" in capsys.readouterr().err
+    assert export_main(["--checkpoint", str(tmp_path / "archive"), "--out", str(tmp_path / "b"),
+                        "--model.preset", "llama-tiny", "--model.vocab-size", "300"]) == 1
+    err = capsys.readouterr().err
+    assert "not the run's model" in err and err.count("\n") == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert export_main(["--checkpoint", str(tmp_path / "archive"), "--out", str(tmp_path / "c"),
+                        "--model.preset", "llama-tiny"]) == 0  # the run's flags: exported
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "c"), local_files_only=True).num_parameters() == theta.numel()
+
+
+@pytest.mark.timeout(400)
+def test_two_peers_train_a_llama_preset_on_prepared_shards(procs):
+    """The guide's path end to end: prepare, two `swarm-peer`s on a Llama preset, export."""
+    data = procs.tmp / "data"
+    prepare([str(corpus(procs.tmp / "text", sentences(40)))], data, train_vocab=320, val_fraction=0.2)
+    _, addr = procs.bootstrap()
+    flags = ["--model.preset", "llama-tiny", "--model.vocab-size", "320", "--model.block-size", "32",
+             "--data.source", "shards", "--data.paths", str(data), "--data.batch-size", "8",
+             "--train.lr", "3e-3", "--sync.every-steps", "15", "--train.max-rounds", "4"]
+    peers = [procs.peer(f"p{i}", addr, *flags, "--data.shard", f"{i}/2", "--checkpoint.dir", str(procs.tmp / f"ck{i}"))
+             for i in range(2)]
+    for p in peers:
+        assert wait_exit(procs, p, 300) == 0, procs.log(p)[-3000:]
+    s0, s1 = summary(procs, "p0"), summary(procs, "p1")
+    assert s0["rounds"] == s1["rounds"] == 4 and s0["digest"] == s1["digest"]  # they agree
+    assert s0["val_loss_final"] < s0["val_loss_start"] - 0.3, s0["val_loss_by_round"]  # and learned
+    out, rnd = export(procs.tmp / "ck0", procs.tmp / "hf", tokenizer=data / "tokenizer.json")
+    assert rnd == 4
+    hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    state = CheckpointDir.load(CheckpointDir(procs.tmp / "ck1").latest(), fingerprint=None, numel=None)
+    assert torch.equal(flatten_params(hf.parameters()), state.theta_sync)  # the other peer's θ, exactly

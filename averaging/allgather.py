@@ -44,8 +44,17 @@ import torch
 
 from . import sparse
 from .access import Credential
-from .allreduce import _REAPER, Compression, RoundResult, _first_line, all_finite, declare, make_gloo_group
+from .allreduce import (
+    _REAPER,
+    Compression,
+    RoundResult,
+    _first_line,
+    all_finite,
+    declare,
+    make_gloo_group,
+)
 from .faults import Tamper
+from .identity import short_id
 from .matchmaking import Group
 from .robust import AggregatorConfig, aggregate
 
@@ -112,7 +121,7 @@ def sparse_allreduce(
     del rows
     if rejected:
         log.warning("round %d: dropped contributions: %s", group.round,
-                    "; ".join(f"{pid[-8:]}: {why}" for pid, why in sorted(set(rejected))))
+                    "; ".join(f"{short_id(pid)}: {why}" for pid, why in sorted(set(rejected))))
     if r not in {i for i, _ in accepted}:
         return failed("this peer's contribution was excluded by the group (see the other peers' logs)")
     min_w = min(weights[i] for i, _ in accepted)  # > 0: declare() rejects non-positive weights

@@ -58,6 +58,7 @@ from torch.distributed import PrefixStore
 from .access import Credential
 from .codecs import Codec, CodecError, ErrorFeedback, get_codec, partition
 from .faults import Tamper
+from .identity import short_id
 from .matchmaking import Group
 from .robust import AggregatorConfig, aggregate
 
@@ -245,7 +246,7 @@ def weighted_allreduce(
             pg.allreduce([votes]).wait()
             unauthorized = [pid for pid, v in zip(group.members, votes.tolist()) if 2 * v <= n]
             if unauthorized:  # a SUM cannot leave anyone out: fail rather than mix in an outsider
-                return failed(f"members without this run's credential: {', '.join(p[-8:] for p in unauthorized)}")
+                return failed(f"members without this run's credential: {', '.join(short_id(p) for p in unauthorized)}")
         pg.allreduce([buf]).wait()
         pg.allreduce([tally]).wait()
     except RuntimeError as e:  # gloo reports peer death, timeouts and rendezvous failures as RuntimeError
@@ -507,7 +508,7 @@ def _partwise_allreduce(
             _REAPER.retire(pg)
     if rejected:
         log.warning("round %d: dropped contributions: %s", group.round,
-                    "; ".join(f"{pid[-8:]}: {why}" for pid, why in sorted(set(rejected))))
+                    "; ".join(f"{short_id(pid)}: {why}" for pid, why in sorted(set(rejected))))
     if not me_in:
         return failed("this peer's contribution was excluded by the group (see the other peers' logs)")
     if nonfinite:

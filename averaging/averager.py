@@ -15,11 +15,12 @@ from typing import Awaitable, Callable
 import torch
 
 from .allreduce import Compression, RoundResult, weighted_allreduce
+from .config import AveragerConfig, MatchmakingConfig  # noqa: F401  (re-exported)
 from .dht import SwarmDHT
 from .errors import MatchmakingError
 from .faults import Tamper
 from .hierarchy import hierarchical_allreduce
-from .config import AveragerConfig, MatchmakingConfig  # noqa: F401  (re-exported)
+from .identity import short_id
 from .matchmaking import Group, Matchmaker, resolve_size
 from .relay import client_round, collect_clients, publish_to_clients
 from .robust import AggregatorConfig  # noqa: F401  (re-exported)
@@ -186,7 +187,7 @@ class Averager:
         self.strikes[pid] += 1
         if self.strikes[pid] >= self.cfg.ban_after and pid not in self.banned:
             self.banned.add(pid)
-            log.warning("banned peer %s for the rest of the run: %d strikes (last: %s)", pid[-8:], self.strikes[pid], why)
+            log.warning("banned peer %s for the rest of the run: %d strikes (last: %s)", short_id(pid), self.strikes[pid], why)
 
     def reset_compression(self) -> None:
         """Forget error-feedback residuals (after adopting a downloaded state they are stale)."""

@@ -23,12 +23,10 @@ import torch
 
 from .config import CODECS
 
+from .errors import CodecError  # noqa: F401  (re-exported)
+
 CodecName = Literal["fp32", "fp16", "bf16", "int8", "sparse"]
 BLOCK = 1024
-
-
-class CodecError(ValueError):
-    """Encoded bytes that cannot be decoded (wrong size, non-finite scales)."""
 
 
 @dataclass(frozen=True)

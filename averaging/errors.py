@@ -8,10 +8,15 @@
     │   ├── StateMovedError         the donors moved on to a newer state during a download
     │   └── ModelMismatchError      the model's parameter schema differs from the swarm's
     ├── NetworkError                the DHT could not be started or reached
-    └── AccessError                 a private run refused this peer (wrong or missing credential)
+    ├── AccessError                 a private run refused this peer (wrong or missing credential)
+    ├── ConfigError                 a config value, flag or file is invalid (also a ValueError)
+    ├── DataError                   the training data cannot be loaded or sampled (also a ValueError)
+    └── CodecError                  a wire message cannot be decoded (also a ValueError)
+        └── SparseError             a sparse message is malformed (averaging/sparse.py)
 
-Configuration errors are ValueErrors (see peer.configlib.ConfigError), so that
-`__post_init__` validation reads like ordinary Python.
+The last three are also ValueErrors: `__post_init__` validation raises plain ValueErrors,
+which the config loader turns into one-line ConfigErrors, and callers that catch ValueError
+keep working. Every message is one line that names the problem.
 """
 from __future__ import annotations
 
@@ -52,3 +57,15 @@ class NetworkError(SwarmError):
 class AccessError(SwarmError):
     """The run's nodes refused this peer's records: it is a private run and this peer's secret
     or key does not match. Raised at start, within a bounded time, instead of training alone."""
+
+
+class ConfigError(SwarmError, ValueError):
+    """A configuration value, command-line flag or config file is invalid (one line, naming it)."""
+
+
+class DataError(SwarmError, ValueError):
+    """The configured data cannot be loaded or sampled (missing, unreadable, corrupt, too small)."""
+
+
+class CodecError(SwarmError, ValueError):
+    """A wire message cannot be decoded (wrong size, bad header, non-finite values)."""

@@ -118,3 +118,8 @@ def peer_id_of(owner_subkey: bytes) -> str | None:
     proto = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
     digest = multihash.encode(hashlib.sha256(proto).digest(), multihash.coerce_code("sha2-256"))
     return PeerID(digest).to_base58()
+
+
+def short_id(peer_id: str) -> str:
+    """The last 8 characters of a peer id: how logs, errors and the dashboard name a peer."""
+    return peer_id[-8:]

@@ -42,6 +42,7 @@ from .access import Credential
 from .config import MatchmakingConfig
 from .dht import SwarmDHT, dht_time
 from .errors import MatchmakingError
+from .identity import short_id
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class Matchmaker:
                     return await self._follow(round_, leader, me, deadline)
             except _Redirect as r:
                 hint = r.target
-                last_error = f"redirected to {r.target.peer_id[-8:]}"
+                last_error = f"redirected to {short_id(r.target.peer_id)}"
             except _Unreachable as u:
                 excluded.add(leader.peer_id)
                 last_error = str(u)
@@ -252,10 +253,10 @@ class Matchmaker:
                 continue
             pid = rec.get("peer_id") if isinstance(rec, dict) else None
             if isinstance(pid, str) and self.secret is not None and not self.secret.verify_hex(rec.get("auth"), pid, "join", prefix, pid):
-                log.warning("round %d: refused peer %s: no valid credential for this private run", round_, pid[-8:])
+                log.warning("round %d: refused peer %s: no valid credential for this private run", round_, short_id(pid))
                 continue
             if isinstance(pid, str) and pid in self.banned:
-                log.info("round %d: refused banned peer %s", round_, pid[-8:])
+                log.info("round %d: refused banned peer %s", round_, short_id(pid))
                 continue
             if isinstance(pid, str) and pid not in members and pid not in clients:
                 (clients if rec.get("client") is True else members).append(pid)
@@ -320,7 +321,7 @@ class Matchmaker:
         try:
             store, slot = await asyncio.to_thread(take_slot)
         except RuntimeError as e:  # torch raises DistStoreError / DistNetworkError, both RuntimeErrors
-            raise _Unreachable(f"leader {leader.peer_id[-8:]} at {leader.host}:{leader.port} unreachable: {e}") from e
+            raise _Unreachable(f"leader {short_id(leader.peer_id)} at {leader.host}:{leader.port} unreachable: {e}") from e
         # The leader closes at the latest at its own arrival + window; allow for clock skew.
         wait_s = max(self.cfg.join_timeout, leader.t + self.cfg.window - dht_time() + self.cfg.join_timeout)
         try:
@@ -328,15 +329,15 @@ class Matchmaker:
                 raise RuntimeError(f"no member list within {wait_s:.0f}s")
             reply = json.loads(await asyncio.to_thread(store.get, prefix + "members"))
         except (RuntimeError, ValueError) as e:
-            raise _Unreachable(f"leader {leader.peer_id[-8:]} did not close its group: {e}") from e
+            raise _Unreachable(f"leader {short_id(leader.peer_id)} did not close its group: {e}") from e
         if self.secret is not None and not (isinstance(reply, dict) and self.secret.verify_hex(
                 reply.pop("auth", None), leader.peer_id, "reply", prefix, json.dumps(reply, sort_keys=True))):
-            raise _Unreachable(f"leader {leader.peer_id[-8:]}'s reply is not authenticated for this private run")
+            raise _Unreachable(f"leader {short_id(leader.peer_id)}'s reply is not authenticated for this private run")
         if isinstance(reply, dict) and isinstance(reply.get("redirect"), dict):
             r = reply["redirect"]
             target = Candidate.from_record(str(r.get("peer_id", "")), r)
             if target is None or not target < leader:
-                raise _Unreachable(f"leader {leader.peer_id[-8:]} sent an invalid redirect")
+                raise _Unreachable(f"leader {short_id(leader.peer_id)} sent an invalid redirect")
             # Give the slot back: if this peer leads later under the same prefix (its own follow
             # failed), a slot left holding our id would put us in a group we are not in.
             with contextlib.suppress(RuntimeError):  # best effort: the redirect stands either way
@@ -345,14 +346,14 @@ class Matchmaker:
         members = reply.get("members") if isinstance(reply, dict) else None
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             reason = reply.get("closed", "malformed member list") if isinstance(reply, dict) else "malformed reply"
-            raise MatchmakingError(f"round {round_}: leader {leader.peer_id[-8:]} closed its group: {reason}")
+            raise MatchmakingError(f"round {round_}: leader {short_id(leader.peer_id)} closed its group: {reason}")
         clients = reply.get("clients", [])
         if not isinstance(clients, list) or not all(isinstance(c, str) for c in clients):
-            raise MatchmakingError(f"round {round_}: leader {leader.peer_id[-8:]} sent a malformed client list")
+            raise MatchmakingError(f"round {round_}: leader {short_id(leader.peer_id)} sent a malformed client list")
         if me.peer_id in clients:
             return Group(round_, tuple(members), -1, prefix, store, leader=leader.peer_id, clients=tuple(clients))
         if me.peer_id not in members:
-            raise MatchmakingError(f"round {round_}: arrived after the group of {leader.peer_id[-8:]} closed")
+            raise MatchmakingError(f"round {round_}: arrived after the group of {short_id(leader.peer_id)} closed")
         return Group(round_, tuple(members), members.index(me.peer_id), prefix, store, leader=leader.peer_id,
                      clients=tuple(clients))
 

@@ -25,6 +25,7 @@ from datetime import timedelta
 import torch
 
 from .allreduce import RoundResult
+from .identity import short_id
 from .matchmaking import Group
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def client_round(group: Group, peer_id: str, delta: torch.Tensor, weight: float,
             return failed("the leader did not include this peer's contribution")
         mean = torch.frombuffer(bytearray(me.get(f"{group.prefix}client/mean")), dtype=torch.float32)
     except (RuntimeError, ValueError, AttributeError) as e:  # RecursionError (absurd JSON nesting) is a RuntimeError
-        return failed(f"relay through leader {group.leader[-8:]} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return failed(f"relay through leader {short_id(group.leader)} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if mean.numel() != delta.numel() or not torch.isfinite(mean).all():
         return failed("leader sent a malformed mean")
     return RoundResult(group.round, "complete", tuple(members), tuple(float(w) for w in weights),
@@ -74,11 +75,11 @@ def collect_clients(group: Group, numel: int, *, timeout_s: float) -> list[tuple
             group.store.wait([key], timedelta(seconds=max(0.1, deadline - time.monotonic())))
             data = torch.frombuffer(bytearray(group.store.get(key)), dtype=torch.float32)
         except (RuntimeError, ValueError) as e:
-            log.warning("client %s sent nothing usable: %s", pid[-8:], str(e).splitlines()[0] if str(e) else e)
+            log.warning("client %s sent nothing usable: %s", short_id(pid), str(e).splitlines()[0] if str(e) else e)
             continue
         w = float(data[0]) if data.numel() else float("nan")
         if data.numel() != numel + 1 or not (w > 0 and math.isfinite(w)) or not torch.isfinite(data).all():
-            log.warning("client %s sent a malformed contribution; dropped", pid[-8:])
+            log.warning("client %s sent a malformed contribution; dropped", short_id(pid))
             continue
         out.append((pid, w, data[1:]))
     return out

@@ -8,7 +8,7 @@ import sys
 import threading
 
 from peer import configlib
-from peer.cli import OneLineParser, interruptible
+from peer.cmdline import OneLineParser, interruptible
 
 from .config import BootstrapConfig
 
@@ -74,7 +74,9 @@ def _main(argv: list[str]) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    from averaging.errors import SwarmError  # the heavy imports (hivemind, torch) only now
+    from averaging.errors import (
+        SwarmError,  # the heavy imports (hivemind, torch) only now
+    )
 
     from .node import BootstrapNode
 

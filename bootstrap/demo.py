@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-
+from averaging.identity import short_id
 from peer.state import CheckpointDir
 
 PY = sys.executable
@@ -125,7 +125,7 @@ def _report(work: Path, codes: dict[str, int], logs: dict[str, list[str]], wall:
         rows = list(csv.DictReader(ledger.read_text().splitlines()))
         print("contribution ledger (credit = samples x training FLOPs per sample):")
         for r in rows:
-            print(f"  #{r['rank']} {r['peer_id'][-8:]}  {int(r['samples']):,} samples  {float(r['compute_s']):.0f}s compute  "
+            print(f"  #{r['rank']} {short_id(r['peer_id'])}  {int(r['samples']):,} samples  {float(r['compute_s']):.0f}s compute  "
                   f"{r['rounds']} rounds  {float(r['credit']) / 1e12:.1f} TFLOP")
     print(f"wall time: {wall:.0f}s")
     if not keep and ok:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from peer.cli import OneLineParser
+from peer.cmdline import OneLineParser
 from peer.config import ModelConfig
 from peer.configlib import ConfigError
 
@@ -74,9 +74,13 @@ def export(checkpoint: str | Path, out: str | Path, *, model_cfg: ModelConfig | 
         raise ConfigError(f"export: {path} does not say which model it holds (saved by an archivist or an older "
                           f"version): give the run's --model.* flags")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    fp = schema_fingerprint(parameter_schema(named))
-    if fp != state.fingerprint:
-        raise ConfigError(f"export: {path} holds model {state.fingerprint}, the --model flags describe {fp} "
+    # A transformers model given to Peer as it is (Python API) names its parameters without the
+    # wrapper's "hf." prefix: the same tensors in the same order, another fingerprint.
+    fps = {schema_fingerprint(parameter_schema(named))}
+    if isinstance(model, HFCausalLM):
+        fps.add(schema_fingerprint(parameter_schema(model.hf.named_parameters())))
+    if state.fingerprint not in fps:
+        raise ConfigError(f"export: {path} holds model {state.fingerprint}, the --model flags describe {min(fps)} "
                           f"({sum(p.numel() for _, p in named):,} parameters): not the run's model")
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise ConfigError(f"export: tokenizer {tokenizer} does not exist")
@@ -94,7 +98,7 @@ def _export_gpt(model: torch.nn.Module, out: str | Path, tokenizer: str | Path |
     return export_pretrained(wrapped, flatten_params(wrapped.parameters()), out, tokenizer_file=tokenizer)
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
     from peer import configlib
 
     p = OneLineParser(prog="swarm-bootstrap export", allow_abbrev=False,
@@ -105,7 +109,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     p.add_argument("--tokenizer", help="tokenizer.json to put beside the model (e.g. the shard folder's)")
     configlib.add_arguments(p, ModelConfig, prefix="model")
-    ns = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from peer import configlib
+
+    ns = parser().parse_args(argv)
     overrides = configlib.overrides_from_namespace(ns, ModelConfig, prefix="model")
     from averaging.errors import SwarmError
 

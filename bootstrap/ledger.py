@@ -22,13 +22,13 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
 from averaging.errors import StateError
+from averaging.identity import short_id
+from peer.fsutil import write_text_atomic
 from peer.membership import PeerRecord
 
 FORMAT = "swarmtrain-ledger-v1"
@@ -119,7 +119,7 @@ class Ledger:
     def rows(self) -> list[dict[str, Any]]:
         """Leaderboard rows, best first (credit, then samples, then peer id)."""
         ranked = sorted(self.entries.values(), key=lambda e: (-e.credit, -e.samples, e.peer_id))
-        return [{"rank": i + 1, "peer_id": e.peer_id, "short_id": e.peer_id[-8:], "device": e.device,
+        return [{"rank": i + 1, "peer_id": e.peer_id, "short_id": short_id(e.peer_id), "device": e.device,
                  "samples": e.samples, "compute_s": round(e.compute_s, 3), "rounds": e.rounds, "credit": e.credit,
                  "first_seen": e.first_seen, "last_seen": e.last_seen} for i, e in enumerate(ranked)]
 
@@ -139,19 +139,5 @@ class Ledger:
         if self.path is None:
             return
         doc = {"format": FORMAT, "peers": [asdict(e) for e in self.entries.values()]}
-        _write_atomic(self.path, json.dumps(doc, indent=1))
-        _write_atomic(self.path.with_suffix(".csv"), self.to_csv())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_text_atomic(self.path, json.dumps(doc, indent=1))
+        write_text_atomic(self.path.with_suffix(".csv"), self.to_csv())

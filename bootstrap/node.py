@@ -7,7 +7,6 @@ the swarm's state (Archivist).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -15,6 +14,7 @@ from averaging.access import Allowlist, load_credential
 from averaging.dht import SwarmDHT
 from averaging.errors import StateError
 from averaging.identity import ensure_identity
+from peer.fsutil import write_text_atomic
 from peer.loop import PeerLoop
 from peer.membership import Rediscovery, record_validator
 
@@ -75,10 +75,7 @@ class BootstrapNode:
             self.archivist = Archivist(self.dht, self.loop, ckpt_dir=self.cfg.checkpoint_dir, keep_last=self.cfg.keep_last,
                                        listen_host=self.cfg.host, announce_host=host)
         if self.cfg.maddrs_file:
-            tmp = f"{self.cfg.maddrs_file}.tmp"
-            with open(tmp, "w") as f:  # atomic: a reader never sees half a file
-                f.write("\n".join(maddrs) + "\n")
-            os.replace(tmp, self.cfg.maddrs_file)
+            write_text_atomic(self.cfg.maddrs_file, "\n".join(maddrs) + "\n")  # a reader never sees half a file
         return maddrs
 
     def join_command(self, maddrs: list[str]) -> str:

@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
+from averaging.access import Allowlist, load_credential
 from averaging.allreduce import RoundResult
 from averaging.averager import Averager
 from averaging.dht import SwarmDHT
-from averaging.access import Allowlist, load_credential
 from averaging.errors import AccessError, ModelMismatchError, StateError
-from averaging.identity import ensure_identity, load_identity
 from averaging.faults import Tamper
 from averaging.flat import describe_schema, parameter_schema, schema_fingerprint
+from averaging.identity import ensure_identity, load_identity, short_id
 from averaging.memory import steady_malloc
 
 from .config import PeerConfig
@@ -119,7 +119,7 @@ class Peer:
             startup_timeout=sw.startup_timeout,
         )
         self.peer_id = self._dht.peer_id
-        self._loop = PeerLoop(f"peer-{self.peer_id[-8:]}").start()
+        self._loop = PeerLoop(f"peer-{short_id(self.peer_id)}").start()
         self.announce_host = sw.announce_host or _detect_announce_host(sw.host, self._dht.visible_maddrs())
         self._averager = Averager(self._dht, self.config.sync.averager(
             listen_host=sw.host, announce_host=self.announce_host, client_mode=sw.client_mode, secret=secret),
@@ -145,7 +145,7 @@ class Peer:
         self._rediscovery = Rediscovery(self._dht, initial=list(sw.initial_peers))
         self._rediscovery.start(self._loop)
         self._rounds.reconcile(startup=True)
-        log.info("peer %s joined run %r: %s, round %d", self.peer_id[-8:], sw.run_id, describe_schema(self.schema), self.round)
+        log.info("peer %s joined run %r: %s, round %d", short_id(self.peer_id), sw.run_id, describe_schema(self.schema), self.round)
         if not sw.client_mode:
             log.info("others can join through this peer: %s", " ".join(self._dht.visible_maddrs()))
 

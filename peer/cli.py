@@ -4,33 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import signal
 import sys
 import threading
-from typing import Callable
+import time
 
 from . import configlib
+from .cmdline import OneLineParser, interruptible  # noqa: F401  (re-exported: bootstrap's CLI uses them)
 from .config import RunConfig
 from .progress import configure_logging
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the full usage is one --help away), and an
-    unknown flag that exists under another name (`--run-id` for `--swarm.run-id`, or the
-    other way round) is answered with that name."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        hint = ""
-        m = re.match(r"unrecognized arguments: (\S+)", message)
-        if m:
-            flag = m.group(1).split("=", 1)[0]
-            tail = flag.rsplit(".", 1)[-1].lstrip("-")
-            known = [o for a in self._actions for o in a.option_strings]
-            near = [o for o in known if o != flag and o.lstrip("-").rsplit(".", 1)[-1] == tail]
-            if near:
-                hint = f"; did you mean {' or '.join(near)}?"
-        self.exit(2, f"{self.prog}: error: {message}{hint} (see --help)\n")
 
 
 def parse(argv: list[str] | None) -> RunConfig:
@@ -60,24 +42,13 @@ def parse(argv: list[str] | None) -> RunConfig:
     return cfg
 
 
-def interruptible(main: Callable[[list[str]], int], argv: list[str] | None, interrupted: str) -> int:
-    """Run a console script's `main`; a Ctrl+C before its own signal handler is installed (while
-    torch and hivemind load) prints the one line `interrupted` and exits 130, no traceback."""
-    try:
-        return main(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
-
-
 def main(argv: list[str] | None = None) -> int:
     return interruptible(_main, argv, "swarm-peer: interrupted while starting; nothing to save")
 
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["status"]:  # `swarm-peer status --join ADDR`: show the swarm, train nothing
-        from .status import main as status_main
-        return status_main(argv[1:])
+        return status(argv[1:])
     if argv[:1] == ["prepare"]:  # `swarm-peer prepare TEXT --out DIR`: token shards for --data.source shards
         from .prepare import main as prepare_main
         return prepare_main(argv[1:])
@@ -139,6 +110,65 @@ def format_summary(s: dict, run_id: str) -> str:
         f"  peer {s['peer_id']}, parameters digest {s['digest'][:16]}",
         "  (every field as JSON: --log-format json, or --train.summary-file FILE)",
     ])
+
+
+
+# ---------------------------------------------------------------- `swarm-peer status`
+def status(argv: list[str]) -> int:
+    """`swarm-peer status --join ADDR [--run-id RUN] [--json]`: print the swarm's state, then leave."""
+    p = OneLineParser(prog="swarm-peer status", allow_abbrev=False,
+                      description="Print a running swarm's status (joins the DHT as a client; trains nothing).")
+    p.add_argument("--join", action="append", required=True, metavar="MULTIADDR", help="any live peer or bootstrap node")
+    # The same flags swarm-peer takes (--swarm.*) work here too, so a command can be copied over.
+    p.add_argument("--run-id", "--swarm.run-id", dest="run_id", default="swarmtrain-demo", help="the run to show")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    # A fresh client DHT node on a loaded machine can need several seconds to find the records.
+    p.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the first peer records")
+    p.add_argument("--secret-file", "--swarm.secret-file", dest="secret_file", default="", help="a private run's shared secret (needed to read its records)")
+    p.add_argument("--allowlist-file", "--swarm.allowlist-file", dest="allowlist_file", default="", help="a private run's allowlist (needed to read its records)")
+    ns = p.parse_args(argv)
+    from averaging.access import load_credential
+    from averaging.errors import SwarmError
+
+    from .config import validate_multiaddr
+
+    try:
+        for a in ns.join:
+            validate_multiaddr(a)
+        secret = load_credential(secret_file=ns.secret_file, allowlist_file=ns.allowlist_file)
+    except (ValueError, SwarmError) as e:
+        print(f"swarm-peer status: error: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("hivemind").setLevel(logging.ERROR)
+    from averaging.dht import SwarmDHT
+
+    from .membership import live_peers, record_validator
+    from .status import peer_row, render, trainers_of
+
+    try:
+        dht = SwarmDHT.start(ns.run_id, initial_peers=ns.join, client_mode=True,
+                             record_validators=[record_validator(ns.run_id)], secret=secret, startup_timeout=15)
+    except SwarmError as e:
+        print(f"swarm-peer status: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        deadline = time.monotonic() + ns.wait
+        run = trainers_of(live_peers(dht))
+        while not run.peers and time.monotonic() < deadline:  # records may need a moment to be found
+            time.sleep(0.5)
+            run = trainers_of(live_peers(dht))
+    finally:
+        dht.shutdown()
+    now = time.time()
+    if ns.json:
+        fps = run.flops_per_sample
+        print(json.dumps({"run_id": ns.run_id, "round": run.round, "agree": run.agree,
+                          "peers_live": len(run.peers), "throughput_samples_per_s": run.throughput,
+                          "mean_loss": run.mean_loss,
+                          "peers": [peer_row(r, now, r.samples * fps) for r in run.peers]}))
+    else:
+        print(render(run, ns.run_id, now))
+    return 0
 
 
 if __name__ == "__main__":

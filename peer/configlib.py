@@ -41,6 +41,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Literal, Union, get_args, get_origin
 
+from averaging.errors import ConfigError  # (re-exported: the config layer's error)
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
@@ -72,8 +74,6 @@ def _one_line(text: object) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message is always a single line."""
 
     def __init__(self, message: object) -> None:
         super().__init__(_one_line(message))

@@ -25,12 +25,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from averaging.errors import DataError  # noqa: F401  (re-exported)
 from peer.device import autocast
 from .config import DataConfig, _is_int, parse_shard  # noqa: F401  (DataConfig, parse_shard: re-exported)
-
-
-class DataError(ValueError):
-    """The configured data cannot be loaded or sampled (missing, unreadable, too small)."""
 
 
 # Separator between concatenated files, so the model sees a file boundary.

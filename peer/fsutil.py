@@ -55,3 +55,8 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     with atomic_path(path) as tmp, tmp.open("wb") as f:
         write(f)
     return Path(path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """`write_atomic` for a text file (UTF-8)."""
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))

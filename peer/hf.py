@@ -23,8 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from averaging.errors import ConfigError
+
 from .config import ModelConfig
-from .configlib import ConfigError
 
 
 def _transformers() -> Any:

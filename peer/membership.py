@@ -18,7 +18,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -31,6 +30,7 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 
 from averaging.dht import SwarmDHT, dht_time
 
+from .fsutil import write_text_atomic
 from .loop import PeerLoop, wait_event
 
 log = logging.getLogger(__name__)
@@ -436,10 +436,8 @@ class Rediscovery:
         addrs = {a for _, maddrs in self._contacts.values() for a in maddrs}
         if not addrs or addrs == self._saved:
             return
-        tmp = self._file.with_name(f".{self._file.name}.tmp")
         try:
-            tmp.write_text("\n".join(sorted(addrs)) + "\n")
-            os.replace(tmp, self._file)
+            write_text_atomic(self._file, "\n".join(sorted(addrs)) + "\n")
             self._saved = addrs
         except OSError as e:
             log.warning("could not save the contacts to %s: %s", self._file, e)

@@ -226,8 +226,8 @@ def prepare(paths: list[str], out: str | Path, *, tokenizer: str | None = None, 
     return manifest
 
 
-def main(argv: list[str]) -> int:
-    from .cli import OneLineParser
+def parser() -> argparse.ArgumentParser:
+    from .cmdline import OneLineParser
 
     p = OneLineParser(prog="swarm-peer prepare", allow_abbrev=False,
                       description="Turn text files into the token shards a run trains on (--data.source shards).")
@@ -238,7 +238,11 @@ def main(argv: list[str]) -> int:
                    help="train a byte-level BPE of this vocabulary size on the training text")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of the text held out for validation")
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file at most")
-    ns = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    ns = parser().parse_args(argv)
     try:
         m = prepare(ns.paths, ns.out, tokenizer=ns.tokenizer, train_vocab=ns.train_tokenizer,
                     val_fraction=ns.val_fraction, shard_tokens=ns.shard_tokens)

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TextIO
 
-from .configlib import doc
+from .configlib import ConfigError, doc
 
 __all__ = [
     "LogConfig",
@@ -215,7 +215,7 @@ def _finite_or_none(x: Any) -> Any:
 # --------------------------------------------------------------------------- sinks
 
 
-class MissingDependencyError(ImportError, ValueError):
+class MissingDependencyError(ConfigError, ImportError):
     """An optional package the config asks for is not installed; the message is one line."""
 
 

@@ -3,23 +3,17 @@
 
 Pure functions over PeerRecord lists (no network), shared by the bootstrap's monitor
 (which adds history and the persistent ledger) and by `swarm-peer status --join ADDR`
-(which joins the DHT as a client, reads the records once, prints them and leaves).
+(peer/cli.py: it joins the DHT as a client, reads the records once, prints them and leaves).
 """
 from __future__ import annotations
 
-import json
-import logging
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from averaging.access import load_credential
-from averaging.errors import SwarmError
+from averaging.identity import short_id  # noqa: F401  (re-exported)
 
-from .config import validate_multiaddr
-from .membership import PeerRecord, live_peers, record_validator
+from .membership import PeerRecord
 from .progress import fmt_bytes, fmt_rate
 
 
@@ -68,10 +62,6 @@ class RunStatus:
 
 def trainers_of(records: dict[str, PeerRecord]) -> RunStatus:
     return RunStatus(tuple(sorted((p for p in records.values() if p.role == "trainer"), key=lambda p: p.peer_id)))
-
-
-def short_id(peer_id: str) -> str:
-    return peer_id[-8:]
 
 
 def peer_row(r: PeerRecord, now: float, credit: float) -> dict[str, Any]:
@@ -133,55 +123,3 @@ def fmt_flops(x: float) -> str:
         if x >= scale:
             return f"{x / scale:.1f} {unit}"
     return f"{x:.0f} FLOP"
-
-
-# ---------------------------------------------------------------- `swarm-peer status`
-def main(argv: list[str]) -> int:
-    """`swarm-peer status --join ADDR [--run-id RUN] [--json]`: print the swarm's state, then leave."""
-    from .cli import OneLineParser
-
-    p = OneLineParser(prog="swarm-peer status", allow_abbrev=False,
-                      description="Print a running swarm's status (joins the DHT as a client; trains nothing).")
-    p.add_argument("--join", action="append", required=True, metavar="MULTIADDR", help="any live peer or bootstrap node")
-    # The same flags swarm-peer takes (--swarm.*) work here too, so a command can be copied over.
-    p.add_argument("--run-id", "--swarm.run-id", dest="run_id", default="swarmtrain-demo", help="the run to show")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    # A fresh client DHT node on a loaded machine can need several seconds to find the records.
-    p.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the first peer records")
-    p.add_argument("--secret-file", "--swarm.secret-file", dest="secret_file", default="", help="a private run's shared secret (needed to read its records)")
-    p.add_argument("--allowlist-file", "--swarm.allowlist-file", dest="allowlist_file", default="", help="a private run's allowlist (needed to read its records)")
-    ns = p.parse_args(argv)
-    try:
-        for a in ns.join:
-            validate_multiaddr(a)
-        secret = load_credential(secret_file=ns.secret_file, allowlist_file=ns.allowlist_file)
-    except (ValueError, SwarmError) as e:
-        print(f"swarm-peer status: error: {e}", file=sys.stderr)
-        return 2
-    logging.getLogger("hivemind").setLevel(logging.ERROR)
-    from averaging.dht import SwarmDHT
-
-    try:
-        dht = SwarmDHT.start(ns.run_id, initial_peers=ns.join, client_mode=True,
-                             record_validators=[record_validator(ns.run_id)], secret=secret, startup_timeout=15)
-    except SwarmError as e:
-        print(f"swarm-peer status: error: {e}", file=sys.stderr)
-        return 1
-    try:
-        deadline = time.monotonic() + ns.wait
-        status = trainers_of(live_peers(dht))
-        while not status.peers and time.monotonic() < deadline:  # records may need a moment to be found
-            time.sleep(0.5)
-            status = trainers_of(live_peers(dht))
-    finally:
-        dht.shutdown()
-    now = time.time()
-    if ns.json:
-        fps = status.flops_per_sample
-        print(json.dumps({"run_id": ns.run_id, "round": status.round, "agree": status.agree,
-                          "peers_live": len(status.peers), "throughput_samples_per_s": status.throughput,
-                          "mean_loss": status.mean_loss,
-                          "peers": [peer_row(r, now, r.samples * fps) for r in status.peers]}))
-    else:
-        print(render(status, ns.run_id, now))
-    return 0

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import resource
 import statistics
-import tempfile
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,12 +13,15 @@ from typing import Any
 
 import torch
 
+from averaging.identity import short_id
+
 from .api import Peer
 from .config import RunConfig
 from .configlib import ConfigError
 from .data import estimate_loss, load_corpus, parse_shard
 from .device import autocast, detect_device
 from .model import build_model, count_parameters
+from .fsutil import write_text_atomic
 from .progress import ProgressSnapshot, RoundInfo, make_progress
 
 log = logging.getLogger("swarmtrain")
@@ -58,7 +61,7 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         val_final, round_losses = val_start, [(peer.round, val_start)]
         val_by_samples = [(peer.total_samples, val_start)]  # this peer's own samples at each evaluation
         t_train = time.monotonic()
-        log.info("peer %s at round %d, validation loss %.4f", peer.peer_id[-8:], peer.round, val_start)
+        log.info("peer %s at round %d, validation loss %.4f", short_id(peer.peer_id), peer.round, val_start)
         while not stop.is_set():
             x, y = (t.to(device, non_blocking=True) for t in next(sampler))
             with autocast(device):
@@ -84,6 +87,7 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
                 break
             if cfg.train.max_steps and peer.local_step >= cfg.train.max_steps:
                 break
+        train_s = time.monotonic() - t_train
         if round_losses[-1][0] != peer.round:  # the last rounds were not evaluated yet
             val_final = val_loss()
             round_losses.append((peer.round, val_final))
@@ -99,6 +103,9 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
             "sync_wait_s": round(peer.sync_wait_s, 2),
             "round_s_mean": round(statistics.mean([h.duration_s for h in peer.history if h.ok] or [0.0]), 3),
             "compute_utilization": round(1 - peer.sync_wait_s / max(time.monotonic() - t_train, 1e-9), 4),
+            # from the first evaluation to the end of training: steps, syncs and the evaluations between
+            "train_s": round(train_s, 2), "tokens_per_s": round(peer.total_samples * cfg.model.block_size / max(train_s, 1e-9), 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024), 1),
             "interrupted": stop.is_set(),
         }
     return summary
@@ -113,9 +120,4 @@ def _snapshot(peer: Peer, val_loss: float) -> ProgressSnapshot:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, p)
+    write_text_atomic(path, json.dumps(obj, indent=1))

@@ -60,6 +60,7 @@ from torch.distributed import Store, TCPStore
 
 from averaging.errors import StateError, StateMovedError
 from averaging.flat import tensor_digest
+from averaging.identity import short_id
 
 from .loop import PeerLoop
 from .membership import PeerRecord
@@ -412,7 +413,7 @@ class _Assembly:
 def _stream(donor: PeerRecord, dl: _Assembly, req: dict, *, timeout: float, connect_timeout: float,
             expected: list[int] | None = None) -> None:
     """Stream the chunks `req` asks for from one donor into `dl`. Raises StateError."""
-    name = f"peer {donor.peer_id[-8:]} ({donor.host}:{donor.port})"
+    name = f"peer {short_id(donor.peer_id)} ({donor.host}:{donor.port})"
     store: TCPStore | None = None
     k = 0
     try:
@@ -497,7 +498,7 @@ def fetch_state(donors: PeerRecord | Sequence[PeerRecord], *, fingerprint: str |
     assert dl.theta is not None
     meta = dl.meta
     if not bool(torch.isfinite(dl.theta).all()) or (dl.mom is not None and not bool(torch.isfinite(dl.mom).all())):
-        raise StateError(f"state of round {meta['round']} from {', '.join(d.peer_id[-8:] for d in team)} contains NaN or Inf")
+        raise StateError(f"state of round {meta['round']} from {', '.join(short_id(d.peer_id) for d in team)} contains NaN or Inf")
     return SwarmState(meta["round"], meta["fingerprint"], dl.theta, dl.mom, meta["samples"])
 
 
@@ -535,7 +536,7 @@ def download_state(
     live, dead = reachable(donors)
     if dead:
         log.info("skipping %d donor(s) that do not accept connections: %s", len(dead),
-                 ", ".join(f"{d.peer_id[-8:]} ({d.host}:{d.port})" for d in dead))
+                 ", ".join(f"{short_id(d.peer_id)} ({d.host}:{d.port})" for d in dead))
     if not live:
         raise StateError(f"none of the {len(donors)} peer(s) announcing the state accepts connections "
                          f"(crashed peers' records live until they expire)")
@@ -554,7 +555,7 @@ def download_state(
     for (_round, _digest), team in teams.items():
         attempts = ([team] if len(team) > 1 else []) + [[d] for d in team]
         for group in attempts:
-            whom = ", ".join(d.peer_id[-8:] for d in group)
+            whom = ", ".join(short_id(d.peer_id) for d in group)
             try:
                 state = fetch_state(group, fingerprint=fingerprint, numel=numel, timeout=timeout, requester=requester)
             except StateMovedError:

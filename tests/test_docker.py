@@ -400,7 +400,7 @@ def test_dockerfile_installs_torch_first_pinned_like_run():
     for v in ("cpu", "cuda"):
         cmds = runs(f"build-{v}")
         torch_at = [i for i, r in enumerate(cmds) if re.search(r"\btorch==", r)]
-        project_at = [i for i, r in enumerate(cmds) if re.search(r"pip install (\S+ )*\.(\s|$)", r)]
+        project_at = [i for i, r in enumerate(cmds) if re.search(r"pip install (\S+ )*\"?\.(\[hf\]\")?(\s|$)", r)]
         assert torch_at and project_at, f"build-{v}: no torch install or no `pip install .`"
         assert torch_at[0] < project_at[0], f"build-{v}: torch must be installed before the project"
         pins = re.findall(r"\btorch==([0-9][^\"'\s]*)", " ".join(cmds))

@@ -230,7 +230,7 @@ def _parse_check(cmd: str, doc: Path, tmp: Path, monkeypatch) -> str | None:
     from averaging.access import generate_secret_file
     from averaging.errors import NetworkError
     from bootstrap import cli as bcli
-    from peer import cli as pcli, configlib, status
+    from peer import cli as pcli, configlib
 
     secret = tmp / "doc.secret"
     if not secret.exists():
@@ -264,8 +264,16 @@ def _parse_check(cmd: str, doc: Path, tmp: Path, monkeypatch) -> str | None:
             def no_network(*a, **k):
                 raise NetworkError("stubbed: no network in this test")
             monkeypatch.setattr("averaging.dht.SwarmDHT.start", no_network)
-            rc = status.main(rest[1:])
+            rc = pcli.status(rest[1:])
             return None if rc == 1 else f"swarm-peer status exited with {rc}"
+        if head == "swarm-peer" and rest[:1] == ["prepare"]:
+            from peer.prepare import parser as prepare_parser
+            prepare_parser().parse_args(rest[1:])
+            return None
+        if head == "swarm-bootstrap" and rest[:1] == ["export"]:
+            from bootstrap.export import parser as export_parser
+            export_parser().parse_args(rest[1:])
+            return None
         if head == "swarm-peer":
             try:
                 pcli.parse(rest)

@@ -3,14 +3,21 @@ swarm, safetensors checkpoints, and the export that `from_pretrained` loads."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from averaging.flat import flatten_params, parameter_schema, schema_fingerprint, write_flat_
+from averaging.flat import (
+    flatten_params,
+    parameter_schema,
+    schema_fingerprint,
+    write_flat_,
+)
 from bootstrap.export import export
 from bootstrap.export import main as export_main
 from peer import prepare as prepare_mod
@@ -21,6 +28,7 @@ from peer.model import build_model
 from peer.prepare import load_tokenizer, prepare
 from peer.shards import WindowSampler, open_shards
 from peer.state import CheckpointDir, SwarmState
+
 from .conftest import summary, wait_exit
 
 TEXT = {
@@ -258,3 +266,130 @@ def test_two_peers_train_a_llama_preset_on_prepared_shards(procs):
     assert type(hf).__name__ == "LlamaForCausalLM"
     state = CheckpointDir.load(CheckpointDir(procs.tmp / "ck1").latest(), fingerprint=None, numel=None)
     assert torch.equal(flatten_params(hf.parameters()), state.theta_sync)  # the other peer's θ, exactly
+
+
+def guide_commands() -> list[list[str]]:
+    """The commands of docs/train-your-own-model.md's tested block, split into argv lists."""
+    import re
+    import shlex
+
+    from .conftest import REPO
+
+    text = (REPO / "docs" / "train-your-own-model.md").read_text()
+    m = re.search(r"<!-- tested: tests/test_hf.py::test_train_your_own_model_guide -->\n```bash\n(.*?)```", text, re.S)
+    assert m, "the guide's tested block is gone"
+    return [shlex.split(line) for line in m.group(1).splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(400)
+def test_train_your_own_model_guide(procs):
+    """docs/train-your-own-model.md's commands, as written, with a tiny Llama and a few rounds:
+    prepare, a bootstrap node, two peers, export; then from_pretrained loads the result."""
+    paths = {"--identity", "--checkpoint-dir", "--data.paths", "--checkpoint.dir", "--checkpoint", "--out", "--tokenizer"}
+
+    def local(argv: list[str]) -> list[str]:  # the guide's relative paths, under the test's folder; a tiny model
+        out = []
+        for i, a in enumerate(argv):
+            if (argv[i - 1] in paths or (argv[:2] == ["swarm-peer", "prepare"] and i == 2)) and not a.startswith("/"):
+                a = str(procs.tmp / a)
+            out.append({"llama-10M": "llama-tiny", "8192": "320"}.get(a, a))
+        return out
+
+    prep, boot, *peers, exp = (local(c) for c in guide_commands())
+    assert [c[:2] for c in (prep, boot, exp)] == [["swarm-peer", "prepare"], ["swarm-bootstrap", "--identity"],
+                                                  ["swarm-bootstrap", "export"]] and len(peers) == 2
+    corpus(procs.tmp / "my-corpus", sentences(40))
+    assert prepare_mod.main(prep[2:]) == 0
+    boot[boot.index("--port") + 1] = "0"
+    node, addr = procs.bootstrap("boot", *boot[3:])  # its own --identity, --host 127.0.0.1, a free port
+    fast = ["--model.block-size", "32", "--data.batch-size", "8", "--train.lr", "3e-3", "--sync.every-steps", "10",
+            "--train.max-rounds", "3"]
+    ps = [procs.peer(f"p{i}", addr, *[a for a in p[3:]], *fast) for i, p in enumerate(peers)]
+    assert all(p[1:3] == ["--join", "ADDR"] for p in peers)
+    for p in ps:
+        assert wait_exit(procs, p, 300) == 0, procs.log(p)[-3000:]
+    s = [summary(procs, f"p{i}") for i in range(2)]
+    assert s[0]["rounds"] == s[1]["rounds"] == 3 and s[0]["digest"] == s[1]["digest"]
+    assert s[0]["val_loss_final"] < s[0]["val_loss_start"] - 0.3
+    assert export_main(exp[2:]) == 0
+    out = procs.tmp / "my-llama"
+    hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    state = CheckpointDir.load(CheckpointDir(procs.tmp / "ckpt-1").latest(), fingerprint=None, numel=None)
+    assert state.round == 3 and torch.equal(flatten_params(hf.parameters()), state.theta_sync)
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok.decode(tok("the swarm trains the weights.\n")["input_ids"]) == "the swarm trains the weights.\n"
+    node.terminate()
+
+
+@pytest.mark.timeout(400)
+def test_python_api_hf_example(procs):
+    """docs/python-api.md's Hugging Face example as the page runs it: prepare, the script as two
+    peers (host="127.0.0.1" added), export; the exported folder holds the swarm's parameters."""
+    import re
+    import shlex
+    import sys
+
+    from .conftest import REPO
+
+    doc = (REPO / "docs" / "python-api.md").read_text()
+    section = doc[doc.index("## A Hugging Face model, token shards and the export"):doc.index("## `Peer` reference")]
+    cmds = [shlex.split(line) for line in re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines()]
+    script = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    old = 'SwarmConfig(run_id="my-llama-py", initial_peers=join)'
+    assert old in script and 'add `host="127.0.0.1"` to `SwarmConfig`' in section.replace("\n", " ")
+    (procs.tmp / "llama_peer.py").write_text(script.replace(old, old[:-1] + ', host="127.0.0.1")'))
+    prep, run, exp = cmds
+    assert prep[:2] == ["swarm-peer", "prepare"] and run[:2] == ["python", "llama_peer.py"] and exp[:2] == ["swarm-bootstrap", "export"]
+    corpus(procs.tmp / "my-corpus", sentences(40))
+    prep[2], prep[prep.index("--out") + 1] = str(procs.tmp / prep[2]), str(procs.tmp / "data")
+    assert prepare_mod.main(prep[2:]) == 0
+    _, addr = procs.bootstrap()
+    peers = []
+    for i in range(2):
+        log = open(procs.tmp / f"py{i}.log", "wb")
+        peers.append(subprocess.Popen([sys.executable, "llama_peer.py", str(procs.tmp / "data"), f"{i}/2", addr],
+                                      cwd=procs.tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                      env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}))
+        procs.started.append(peers[-1])
+        peers[-1].name, peers[-1].logfile = f"py{i}", procs.tmp / f"py{i}.log"
+    for p in peers:
+        assert wait_exit(procs, p, 300) == 0, procs.log(p)[-3000:]
+    digests = [dict(re.findall(r"^round (\d+): loss [\d.]+, digest (\w+)", procs.log(p), re.M)) for p in peers]
+    assert "3" in digests[0] and digests[0]["3"] == digests[1].get("3"), digests
+    args = exp[2:]
+    for flag in ("--checkpoint", "--out", "--tokenizer"):
+        args[args.index(flag) + 1] = str(procs.tmp / args[args.index(flag) + 1])
+    assert export_main(args) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(procs.tmp / "my-llama"), local_files_only=True)
+    state = CheckpointDir.load(CheckpointDir(procs.tmp / "ckpt-1").latest(), fingerprint=None, numel=None)
+    assert state.round == 3 and torch.equal(flatten_params(hf.parameters()), state.theta_sync)
+
+
+def test_a_config_json_or_a_pretrained_folder_gives_every_peer_the_same_model(tmp_path):
+    """--model.hf-config (here a GPT-2's config.json) builds seeded weights; --model.init-from
+    starts from a folder's weights exactly. Both are one line when the file is wrong."""
+    from transformers import GPT2Config
+
+    GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2).to_json_file(str(tmp_path / "config.json"))
+    cfg = ModelConfig(hf_config=str(tmp_path / "config.json"), block_size=64)
+    assert cfg.arch == "hf"
+    a, b = build_model(cfg, seed=7), build_model(cfg, seed=7)
+    assert torch.equal(flatten_params(a.parameters()), flatten_params(b.parameters()))
+    assert type(a.hf).__name__ == "GPT2LMHeadModel"
+    a.hf.save_pretrained(str(tmp_path / "released"))
+    started = build_model(ModelConfig(init_from=str(tmp_path / "released"), block_size=32), seed=123)
+    assert torch.equal(flatten_params(started.parameters()), flatten_params(a.parameters()))  # the folder's, not the seed's
+    x = torch.randint(0, 300, (2, 16))
+    assert torch.allclose(started(x)[0], a(x)[0])
+    from peer.configlib import ConfigError
+
+    (tmp_path / "bad.json").write_text('{"model_type": "no-such-model"}')
+    for kwargs, message in [(dict(hf_config=str(tmp_path / "missing.json")), "does not exist"),
+                            (dict(hf_config=str(tmp_path / "bad.json")), "cannot read the transformers config"),
+                            (dict(init_from=str(tmp_path / "config.json")), "cannot"),
+                            (dict(hf_config=str(tmp_path / "config.json"), block_size=65), "exceeds")]:
+        with pytest.raises((ConfigError, ValueError), match=message) as ei:
+            build_model(ModelConfig(**kwargs), seed=0)
+        assert "\n" not in str(ei.value)
+    with pytest.raises(ValueError, match="both name the architecture"):
+        ModelConfig(hf_config="a.json", init_from="b/")

@@ -15,6 +15,7 @@ from averaging.dht import SwarmDHT
 from averaging.errors import StateError
 from averaging.identity import ensure_identity
 from peer.fsutil import write_text_atomic
+from peer.heartbeat import Heartbeat
 from peer.loop import PeerLoop
 from peer.membership import Rediscovery, record_validator
 
@@ -91,25 +92,34 @@ class BootstrapNode:
         next period; the loop only ends when `stop` is set.
         """
         assert self.dht is not None and self.monitor is not None
-        next_poll = next_status = next_archive = next_save = time.monotonic()
-        while not stop.wait(min(self.cfg.poll_every, 1.0)):
-            now = time.monotonic()
-            if self.archivist is not None and now >= next_archive:
-                next_archive = now + self.cfg.archive_every
-                self.archivist.poll()
-            if now >= next_poll:
-                next_poll = now + self.cfg.poll_every
-                try:
-                    status = self.monitor.poll()
-                except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; keep watching
-                    log.warning("could not read the run's records: %s", e)
-                    continue
-                if self.cfg.monitor_every and now >= next_status:
-                    next_status = now + self.cfg.monitor_every
-                    log.info("run %r: %s", self.cfg.run_id, status.line())
-            if now >= next_save:
-                next_save = now + 10.0
-                self._save_ledger()
+        next_poll = next_status = next_archive = next_save = read_at = time.monotonic()
+        # For a supervisor (the images' HEALTHCHECK, peer/heartbeat.py): unhealthy once the run's
+        # records have not been read for max_gap (a DHT that stopped answering). A beat may be
+        # late by an archivist's download.
+        max_gap = max(120.0, 10 * self.cfg.poll_every)
+        late = 60.0 + (4 * self.archivist.timeout if self.archivist is not None else 0.0)
+        with Heartbeat.from_env("bootstrap") as heartbeat:
+            while not stop.wait(min(self.cfg.poll_every, 1.0)):
+                now = time.monotonic()
+                heartbeat.beat(ok=now - read_at < max_gap, stale_after=late,
+                               detail=f"run {self.cfg.run_id!r}: records read {now - read_at:.0f} s ago")
+                if self.archivist is not None and now >= next_archive:
+                    next_archive = now + self.cfg.archive_every
+                    self.archivist.poll()
+                if now >= next_poll:
+                    next_poll = now + self.cfg.poll_every
+                    try:
+                        status = self.monitor.poll()
+                    except Exception as e:  # hivemind surfaces pipe/daemon errors with many types; keep watching
+                        log.warning("could not read the run's records: %s", e)
+                        continue
+                    read_at = now
+                    if self.cfg.monitor_every and now >= next_status:
+                        next_status = now + self.cfg.monitor_every
+                        log.info("run %r: %s", self.cfg.run_id, status.line())
+                if now >= next_save:
+                    next_save = now + 10.0
+                    self._save_ledger()
 
     def _save_ledger(self) -> None:
         if self.monitor is None:

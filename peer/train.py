@@ -22,6 +22,7 @@ from .data import estimate_loss, load_corpus, parse_shard
 from .device import autocast, detect_device
 from .model import build_model, count_parameters
 from .fsutil import write_text_atomic
+from .heartbeat import Heartbeat
 from .progress import ProgressSnapshot, RoundInfo, make_progress
 
 log = logging.getLogger("swarmtrain")
@@ -54,7 +55,10 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
                              n_batches=cfg.train.eval_batches, device=device)
 
     progress = make_progress(cfg.log, run_config=None)  # before joining: a missing tracker package fails fast
-    with progress, Peer(model, opt, cfg.peer_config(), flops_per_sample=flops_per_sample) as peer:
+    # For a supervisor (the images' HEALTHCHECK): peer/heartbeat.py. Joining may download a large
+    # state, so the first beat allows a long gap.
+    heartbeat = Heartbeat.from_env("peer", starting_s=600.0 + cfg.swarm.startup_timeout)
+    with progress, heartbeat, Peer(model, opt, cfg.peer_config(), flops_per_sample=flops_per_sample) as peer:
         sampler = corpus.sampler(block_size=cfg.model.block_size, batch_size=cfg.data.batch_size,
                                  shard=parse_shard(cfg.data.shard), seed=peer.seed)
         val_start = val_loss()
@@ -62,7 +66,15 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         val_by_samples = [(peer.total_samples, val_start)]  # this peer's own samples at each evaluation
         t_train = time.monotonic()
         log.info("peer %s at round %d, validation loss %.4f", short_id(peer.peer_id), peer.round, val_start)
+        # A beat may be as late as a slow step plus a whole sync round (matchmaking, then the all-reduce).
+        sync_bound = cfg.sync.matchmaking_window + cfg.sync.allreduce_timeout + 60.0
+        step_s, t_step, last_complete = 0.0, time.monotonic(), None
         while not stop.is_set():
+            now = time.monotonic()
+            step_s, t_step = max(now - t_step, 0.9 * step_s), now  # the slowest recent step, decaying
+            ago = "" if last_complete is None else f", last complete round {now - last_complete:.0f} s ago"
+            heartbeat.beat(detail=f"step {peer.local_step}, round {peer.round}{ago}",
+                           stale_after=3 * step_s + sync_bound, step=peer.local_step, round=peer.round)
             x, y = (t.to(device, non_blocking=True) for t in next(sampler))
             with autocast(device):
                 _, loss = model(x, y)
@@ -75,6 +87,7 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
                 peer.report_loss(loss.item())  # .item() waits for the device: only every few steps
             result = peer.step(samples=x.shape[0])
             if result is not None and result.ok:
+                last_complete = time.monotonic()
                 evaluated = peer.round % cfg.train.eval_every_rounds == 0
                 if evaluated:
                     val_final = val_loss()

@@ -18,19 +18,17 @@ checked instead, without network or docker:
 """
 from __future__ import annotations
 
-import http.server
 import importlib.util
 import json
 import os
 import re
 import shlex
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 from unittest import mock
 
@@ -40,7 +38,6 @@ import yaml
 from bootstrap import cli as bootstrap_cli
 from bootstrap.node import BootstrapConfig
 from peer import cli as peer_cli
-from peer.config import SwarmConfig
 from peer.configlib import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -480,229 +477,85 @@ def test_dockerfile_header_and_docs_show_every_build_command():
 # =========================================================================== healthcheck.py
 
 
-def test_healthcheck_flags_and_keys_exist():
-    assert set(hc.BOOTSTRAP_FLAGS) <= BOOTSTRAP_FLAGS
-    assert set(hc.PEER_FLAGS) <= PEER_FLAGS
-    assert set(hc.BOOTSTRAP_KEYS) <= {f.name for f in fields(BootstrapConfig)}
-    assert set(hc.PEER_SWARM_KEYS) <= {f.name for f in fields(SwarmConfig)}
+def test_healthcheck_env_name_is_the_writers():
+    from peer import heartbeat
+
+    assert hc.ENV == heartbeat.ENV
+    assert f'{hc.ENV}={hc.DEFAULT}' in " ".join(re.findall(r"ENV [^\n]+", (DOCKER / "Dockerfile").read_text()))
 
 
-@pytest.mark.parametrize("args,toml", [
-    ([], ""),
-    (["--dashboard", "9000", "--port", "4001"], ""),
-    (["--dashboard=9000", "--dashboard", "9001", "--maddrs-file=rel.maddrs"], ""),
-    (["--config", "b.toml"], 'dashboard = 7000\ndashboard_host = "127.0.0.1"\nmaddrs_file = "/shared/x"\nport = 4444\n'),
-    (["--config", "b.toml", "--dashboard", "7001", "--host", "127.0.0.2"], "dashboard = 7000\n"),
-])
-def test_healthcheck_resolves_bootstrap_settings_like_the_cli(tmp_path, args, toml):
-    if toml:
-        (tmp_path / "b.toml").write_text(toml)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        real = bootstrap_cli.parse(args)
-    finally:
-        os.chdir(cwd)
-    view = hc.bootstrap_view(hc.Proc(1, "bootstrap", args, str(tmp_path)))
-    assert (view.host, view.port, view.dashboard, view.dashboard_host, view.maddrs_file) == (
-        real.host, real.port, real.dashboard, real.dashboard_host, real.maddrs_file)
+def test_healthcheck_reads_the_heartbeat(tmp_path):
+    """Healthy only for a fresh, ok beat of a running process; one line saying why otherwise."""
+    from peer.heartbeat import Heartbeat
+
+    f = tmp_path / "hb.json"
+    with pytest.raises(hc.Unhealthy, match="no heartbeat at"):
+        hc.check(f)
+    with Heartbeat(f, "peer") as beat:  # a first beat, "starting", from this (running) process
+        assert hc.check(f) == "peer: starting"
+        beat.beat(detail="step 3, round 1", stale_after=30, force=True)
+        assert hc.check(f) == "peer: step 3, round 1"
+        with pytest.raises(hc.Unhealthy, match=r"no heartbeat for 4\d s \(expected within 30 s\); the last said: step 3"):
+            hc.check(f, now=time.time() + 45)  # the loop stopped beating: it hangs
+        beat.beat(ok=False, detail="run 'x': records read 300 s ago", force=True)
+        with pytest.raises(hc.Unhealthy, match="records read 300 s ago"):
+            hc.check(f)
+    assert not f.exists()  # a node that stopped removes its heartbeat
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    f.write_text(json.dumps({"pid": int(dead.stdout), "role": "bootstrap", "time": time.time(), "stale_after": 60,
+                             "ok": True, "detail": "fine"}))
+    with pytest.raises(hc.Unhealthy, match=r"bootstrap \(pid \d+\) is not running"):
+        hc.check(f)  # a crashed node's last file is not health
+    for junk in ("{", "[]", json.dumps({"pid": "1", "role": "peer"})):
+        f.write_text(junk)
+        with pytest.raises(hc.Unhealthy, match="is not a heartbeat"):
+            hc.check(f)
 
 
-@pytest.mark.parametrize("args,toml", [
-    ([], ""), (["--swarm.client-mode"], ""), (["--swarm.client-mode", "--swarm.no-client-mode"], ""),
-    (["--config", "p.toml"], "[swarm]\nclient_mode = true\n"),
-    (["--config", "p.toml", "--swarm.no-client-mode"], "[swarm]\nclient_mode = true\n"),
-])
-def test_healthcheck_resolves_client_mode_like_the_cli(tmp_path, args, toml):
-    if toml:
-        (tmp_path / "p.toml").write_text(toml)
-    args = [a if a != "p.toml" else str(tmp_path / "p.toml") for a in args]
-    assert hc.peer_client_mode(hc.Proc(1, "peer", args, "/")) == parse_peer(args).swarm.client_mode
+def test_healthcheck_main_exit_codes(tmp_path, capsys, monkeypatch):
+    from peer.heartbeat import Heartbeat
+
+    monkeypatch.setenv(hc.ENV, str(tmp_path / "hb.json"))
+    assert hc.main([]) == 1
+    assert capsys.readouterr().out.startswith("unhealthy: no heartbeat at")
+    with Heartbeat.from_env("bootstrap"):
+        assert hc.main([]) == 0
+        assert capsys.readouterr().out == "healthy: bootstrap: starting\n"
 
 
-def test_healthcheck_classifies_command_lines():
-    assert hc.classify(["/opt/venv/bin/python", "/opt/venv/bin/swarm-peer", "--swarm.port", "1"]) == (
-        "peer", ["--swarm.port", "1"])
-    assert hc.classify(["/opt/venv/bin/python3.11", "/opt/venv/bin/swarm-bootstrap"]) == ("bootstrap", [])
-    assert hc.classify(["python", "-m", "bootstrap", "--dashboard", "0"]) == ("bootstrap", ["--dashboard", "0"])
-    assert hc.classify(["python", "-m", "peer"]) == ("peer", [])
-    assert hc.classify(["/opt/venv/bin/python", "/opt/venv/bin/swarm-peer", "status", "--join", "x"]) is None
-    assert hc.classify(["python", "/opt/swarmtrain/healthcheck.py"]) is None
-    assert hc.classify(["python", "/opt/swarmtrain/peer_entrypoint.py", "--swarm.port", "1"]) is None
-    assert hc.classify(["/usr/local/lib/p2pd", "-hostAddrs=/ip4/0.0.0.0/tcp/31338"]) is None
+@pytest.mark.timeout(300)
+def test_real_nodes_beat_while_they_work(procs, monkeypatch):
+    """A real swarm-bootstrap and two swarm-peers with SWARMTRAIN_HEARTBEAT set: each file says
+    healthy while the node works, and is gone once it stopped."""
+    from .conftest import wait_exit, wait_for
 
+    files = {n: procs.tmp / f"{n}.heartbeat" for n in ("boot", "p0", "p1")}
+    monkeypatch.setenv(hc.ENV, str(files["boot"]))
+    boot, addr = procs.bootstrap("boot")
+    peers = []
+    for n in ("p0", "p1"):
+        monkeypatch.setenv(hc.ENV, str(files[n]))
+        peers.append(procs.peer(n, addr, "--sync.every-steps", "20", "--train.max-rounds", "3"))
+    seen = {}
 
-class FakeProc:
-    """A fake /proc: processes (cmdline, comm, state, fds) and /proc/net/tcp."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        (root / "net").mkdir(parents=True)
-        (root / "net" / "tcp").write_text("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n")
-        (root / "net" / "tcp6").write_text("  sl  local_address ...\n")
-        self.btime = int(time.time()) - 1000
-        (root / "stat").write_text(f"cpu 1 2 3\nbtime {self.btime}\nprocesses 9\n")
-
-    def add(self, pid: int, argv: list[str], *, comm: str = "python3", state: str = "S", started: float | None = None,
-            cwd: str = "/", sockets: tuple[int, ...] = (), ppid: int = 0) -> None:
-        d = self.root / str(pid)
-        (d / "fd").mkdir(parents=True)
-        (d / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
-        (d / "comm").write_text(comm + "\n")
-        ticks = int(((started if started is not None else time.time()) - self.btime) * os.sysconf("SC_CLK_TCK"))
-        rest = ["0"] * 18 + [str(ticks)] + ["0"] * 10  # field 22 (starttime) is the 20th after the state
-        (d / "stat").write_text(f"{pid} ({comm}) {state} {ppid} " + " ".join(rest[1:]) + "\n")
-        assert hc._stat(self.root, pid)[19] == str(ticks)
-        os.symlink(cwd, d / "cwd")
-        for n, inode in enumerate(sockets):
-            os.symlink(f"socket:[{inode}]", d / "fd" / str(n + 3))
-
-    def listen(self, port: int, inode: int, *, v6: bool = False) -> None:
-        table = self.root / "net" / ("tcp6" if v6 else "tcp")
-        addr = "00000000000000000000000000000000" if v6 else "00000000"
-        with table.open("a") as f:
-            f.write(f"   0: {addr}:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 {inode} 1\n")
-
-
-@pytest.fixture
-def listener():
-    """A real listening socket on 127.0.0.1 (the 'p2pd' of the fake /proc)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(8)
-    yield s.getsockname()[1]
-    s.close()
-
-
-def test_healthcheck_peer(tmp_path, listener):
-    fp = FakeProc(tmp_path / "proc")
-    with pytest.raises(hc.Unhealthy, match="no swarm-peer or swarm-bootstrap"):
-        hc.check(fp.root)
-    fp.add(1, ["/opt/venv/bin/python", "/opt/venv/bin/swarm-peer", "--swarm.port", str(listener)])
-    with pytest.raises(hc.Unhealthy, match="p2pd.*not running"):
-        hc.check(fp.root)
-    fp.add(20, ["/opt/venv/lib/python3.11/site-packages/hivemind/hivemind_cli/p2pd"], comm="p2pd", sockets=(4242, 99))
-    with pytest.raises(hc.Unhealthy, match="listens on no TCP port"):
-        hc.check(fp.root)
-    fp.listen(listener, 4242)
-    assert hc.check(fp.root) == f"peer: DHT daemon accepts connections on port {listener}"
-
-
-def test_healthcheck_peer_port_closed_and_zombie(tmp_path, listener):
-    fp = FakeProc(tmp_path / "proc")
-    fp.add(1, ["/opt/venv/bin/python", "/opt/venv/bin/swarm-peer"])
-    fp.add(20, ["p2pd"], comm="p2pd", sockets=(4242,))
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
-    fp.listen(closed, 4242)
-    with pytest.raises(hc.Unhealthy, match="nothing accepts connections"):
-        hc.check(fp.root)
-    fp2 = FakeProc(tmp_path / "proc2")
-    fp2.add(1, ["/opt/venv/bin/python", "/opt/venv/bin/swarm-peer"], state="Z")
-    with pytest.raises(hc.Unhealthy, match="has exited"):
-        hc.check(fp2.root)
-
-
-def test_healthcheck_finds_the_node_not_its_forked_dht_process(tmp_path):
-    """hivemind runs the DHT in a forked child with the same command line (and p2pd under it)."""
-    fp = FakeProc(tmp_path / "proc")
-    argv = ["/opt/venv/bin/python", "/opt/venv/bin/swarm-peer", "--swarm.port", "31338"]
-    fp.add(5, argv, ppid=900)    # the child got a lower pid after a pid wrap-around
-    fp.add(900, argv, ppid=1)
-    fp.add(1, ["/sbin/docker-init", "--", "python", "/opt/swarmtrain/peer_entrypoint.py"], comm="docker-init")
-    assert hc.find_node(fp.root).pid == 900
-
-
-def test_healthcheck_peer_client_mode(tmp_path):
-    fp = FakeProc(tmp_path / "proc")
-    fp.add(7, ["/sbin/docker-init", "--", "python", "/opt/swarmtrain/peer_entrypoint.py"], comm="docker-init")
-    fp.add(8, ["/opt/venv/bin/python", "/opt/venv/bin/swarm-peer", "--swarm.client-mode"])
-    fp.add(9, ["p2pd"], comm="p2pd")
-    assert "client mode" in hc.check(fp.root)
-
-
-class StubDashboard:
-    """A loopback HTTP server answering /api/status like bootstrap/dashboard.py."""
-
-    def __init__(self, status: dict, code: int = 200) -> None:
-        self.status, self.code = status, code
-        outer = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                body = json.dumps(outer.status).encode() if self.path == "/api/status" else b"{}"
-                self.send_response(outer.code if self.path == "/api/status" else 404)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *a):
+    def beating() -> bool:
+        for n, f in files.items():
+            try:
+                seen[n] = hc.check(f)
+            except hc.Unhealthy:  # not written yet
                 pass
+        return "records read" in seen.get("boot", "") and all("step" in seen.get(n, "") for n in ("p0", "p1"))
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_healthcheck_bootstrap(tmp_path):
-    fp = FakeProc(tmp_path / "proc")
-    maddrs = tmp_path / "bootstrap.maddrs"
-    stub = StubDashboard({"run_id": "r", "updated": time.time(), "peers_live": 2})
-    try:
-        fp.add(1, ["/opt/venv/bin/python", "/opt/venv/bin/swarm-bootstrap", "--dashboard", str(stub.port),
-                   "--maddrs-file", "bootstrap.maddrs"], cwd=str(tmp_path), started=time.time() - 30)
-        with pytest.raises(hc.Unhealthy, match="has not written its addresses"):
-            hc.check(fp.root)
-        maddrs.write_text(f"/ip4/172.18.0.2/tcp/31337/p2p/{PEER_ID}\n")
-        os.utime(maddrs, (time.time() - 3600,) * 2)  # left by an earlier run
-        with pytest.raises(hc.Unhealthy, match="stale"):
-            hc.check(fp.root)
-        os.utime(maddrs, None)
-        assert hc.check(fp.root) == "bootstrap: run 'r': 2 live peer(s), records read 0 s ago"
-        stub.status["updated"] = time.time() - 500  # the DHT stopped answering
-        with pytest.raises(hc.Unhealthy, match="500 s ago"):
-            hc.check(fp.root)
-        assert "records read" in hc.check(fp.root, max_age=1000)
-        stub.status["updated"] = 0.0
-        with pytest.raises(hc.Unhealthy, match="not read the run's records yet"):
-            hc.check(fp.root)
-        stub.status = {"error": "boom"}
-        with pytest.raises(hc.Unhealthy, match="without a run_id"):
-            hc.check(fp.root)
-        stub.code = 500
-        with pytest.raises(hc.Unhealthy, match="HTTP 500"):
-            hc.check(fp.root)
-    finally:
-        stub.close()
-    with pytest.raises(hc.Unhealthy, match="did not answer"):
-        hc.check(fp.root)
-
-
-def test_healthcheck_bootstrap_without_dashboard_checks_the_dht(tmp_path, listener):
-    fp = FakeProc(tmp_path / "proc")
-    fp.add(1, ["/opt/venv/bin/python", "/opt/venv/bin/swarm-bootstrap", "--port", str(listener)])
-    fp.add(30, ["p2pd"], comm="p2pd", sockets=(777,))
-    fp.listen(listener, 777, v6=False)
-    assert hc.check(fp.root) == f"bootstrap: DHT daemon accepts connections on port {listener}"
-
-
-def test_healthcheck_decodes_proc_net_addresses():
-    assert hc._decode_addr("0100007F") == "127.0.0.1"
-    assert hc._decode_addr("00000000000000000000000001000000") == "::1"
-
-
-def test_healthcheck_main_exit_codes(tmp_path, capsys):
-    with mock.patch.object(hc, "check", side_effect=hc.Unhealthy("x broke")):
-        assert hc.main([]) == 1
-    assert capsys.readouterr().out == "unhealthy: x broke\n"
-    with mock.patch.object(hc, "check", return_value="peer: fine"):
-        assert hc.main(["--max-age", "5"]) == 0
-    assert capsys.readouterr().out == "healthy: peer: fine\n"
+    wait_for(beating, 120, "every node to report a healthy heartbeat", peers[0])
+    assert seen["boot"].startswith("bootstrap: run 'swarmtrain-demo': records read")
+    assert all(seen[n].startswith("peer: step ") for n in ("p0", "p1")), seen
+    for p in peers:
+        assert wait_exit(procs, p, 200) == 0, procs.log(p)[-2000:]
+    assert not files["p0"].exists() and not files["p1"].exists()
+    assert hc.check(files["boot"]).startswith("bootstrap: ")  # still watching the run
+    boot.send_signal(signal.SIGTERM)
+    assert wait_exit(procs, boot, 30) == 0
+    assert not files["boot"].exists()
 
 
 def test_healthcheck_is_stdlib_only():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def steady_malloc() -> bool:
     threads start). True if set; False elsewhere (macOS, musl: nothing to do, or nothing
     we can do)."""
     global _done
-    if _done or not sys.platform.startswith("linux"):
+    if _done or not sys.platform.startswith("linux") or os.environ.get("SWARMTRAIN_MALLOC") == "default":
         return _done
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -15,6 +15,7 @@ What was measured (docs/benchmarks.md, "Large models"):
   with the defaults. Temporaries below 8 MiB are reused from one heap, round after round;
   whole vectors (a 100M model's are 405 MB) are mmapped and returned when freed.
 Setting the threshold explicitly also turns glibc's dynamic adjustment off (mallopt(3)).
+SWARMTRAIN_MALLOC=default in the environment leaves glibc's defaults alone (for measurements).
 """
 from __future__ import annotations
 

@@ -62,6 +62,9 @@ class AccessError(SwarmError):
 class ConfigError(SwarmError, ValueError):
     """A configuration value, command-line flag or config file is invalid (one line, naming it)."""
 
+    def __init__(self, message: object) -> None:  # always one line, whatever the message
+        super().__init__(" ".join(part.strip() for part in str(message).splitlines() if part.strip()))
+
 
 class DataError(SwarmError, ValueError):
     """The configured data cannot be loaded or sampled (missing, unreadable, corrupt, too small)."""

@@ -74,11 +74,6 @@ def _one_line(text: object) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
-
-    def __init__(self, message: object) -> None:
-        super().__init__(_one_line(message))
-
-
 def doc(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
     """A dataclass field with ``metadata={"help": help}``.
 

@@ -103,13 +103,13 @@ def build_hf_model(cfg: ModelConfig, seed: int) -> HFCausalLM:
     if cfg.init_from:
         try:
             model = tf.AutoModelForCausalLM.from_pretrained(cfg.init_from, local_files_only=True, dtype=torch.float32)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # transformers raises OSError, ValueError, pickle errors, ... for a bad folder
             raise ConfigError(f"model.init_from: cannot load {cfg.init_from}: {str(e).splitlines()[0][:160]}") from e
     else:
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return HFCausalLM(model.float())
+    return HFCausalLM(model.float()).train()  # from_pretrained returns eval mode; a peer trains
 
 
 def describe_model(model: nn.Module) -> dict | None:

@@ -159,7 +159,8 @@ def digest(data: bytes) -> str:
 
 
 class CheckpointDir:
-    """Checkpoints `ckpt-rNNNNNN.pt` in one directory, written atomically, the last K kept."""
+    """Checkpoints `ckpt-rNNNNNN.safetensors` in one directory (`.pt` ones of the first format are
+    listed and read too), written atomically, the last K kept."""
 
     def __init__(self, path: str | Path, keep_last: int = 3, *, model: dict | None = None) -> None:
         """`model`: the model's description (peer.hf.describe_model), saved in every checkpoint."""

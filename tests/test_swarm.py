@@ -8,14 +8,15 @@ import pytest
 import torch
 
 
+from peer.state import CheckpointDir
+
 from .conftest import summary, wait_exit
 
 ROUNDS = 5
 
 
 def load_theta(path) -> torch.Tensor:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return obj["theta_sync"]
+    return CheckpointDir.load(path, fingerprint=None, numel=None).theta_sync
 
 
 @pytest.mark.timeout(400)
@@ -31,8 +32,8 @@ def test_three_peers_train_and_agree(procs):
 
     # After each completed round, every peer that took part holds the same parameters.
     for r in range(1, ROUNDS + 1):
-        thetas = {n: load_theta(procs.tmp / f"ckpt{i}" / f"ckpt-r{r:06d}.pt")
-                  for i, n in enumerate(peers) if (procs.tmp / f"ckpt{i}" / f"ckpt-r{r:06d}.pt").exists()}
+        thetas = {n: load_theta(procs.tmp / f"ckpt{i}" / f"ckpt-r{r:06d}.safetensors")
+                  for i, n in enumerate(peers) if (procs.tmp / f"ckpt{i}" / f"ckpt-r{r:06d}.safetensors").exists()}
         assert len(thetas) >= 2, f"round {r}: fewer than 2 peers completed it"
         ref = next(iter(thetas.values()))
         for n, t in thetas.items():

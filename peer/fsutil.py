@@ -6,6 +6,7 @@ returns, the new one survives a power cut (the rename is durable once the folder
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from contextlib import contextmanager
@@ -60,3 +61,22 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """`write_atomic` for a text file (UTF-8)."""
     return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty folder beside `path` to fill; when the block ends it replaces `path` (which
+    must not exist, or be empty). On any error it is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)

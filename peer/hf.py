@@ -150,31 +150,19 @@ def export_pretrained(model: HFCausalLM, theta: torch.Tensor, out: str | Path, *
     model.safetensors and, if given, tokenizer.json. `AutoModelForCausalLM.from_pretrained(out)`
     loads it. The folder is written beside its final name and renamed into place: a failed export
     leaves no half-written model."""
-    import os
-    import shutil
 
     from averaging.flat import write_flat_
 
-    from .fsutil import fsync_dir
+    from .fsutil import atomic_folder
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"export: {out} exists and is not empty (nothing was written)")
     write_flat_(list(model.parameters()), theta)  # raises ValueError on a size mismatch, before writing anything
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         model.hf.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer_file is not None:
             _write_tokenizer(Path(tokenizer_file), tmp, model.config)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from .data import DataError, _expand_text_paths, is_val_file
-from .fsutil import fsync_dir
+from .fsutil import atomic_folder
 from .shards import MANIFEST, Manifest, ShardInfo, file_sha256
 
 PIECE_BYTES = 1 << 20  # pieces of at most ~1 MiB: the unit of the split and of tokenization
@@ -193,10 +192,7 @@ def prepare(paths: list[str], out: str | Path, *, tokenizer: str | None = None, 
         tok = Tokenizer()
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
 
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
         docs = []
         for p in plist:
@@ -216,13 +212,6 @@ def prepare(paths: list[str], out: str | Path, *, tokenizer: str | None = None, 
                             shards=tuple(writers["train"].shards + writers["val"].shards), documents=tuple(docs))
         Manifest.parse(manifest.to_json(), "prepare")  # what we write, the reader accepts
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

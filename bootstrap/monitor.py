@@ -22,6 +22,18 @@ log = logging.getLogger("swarmtrain.monitor")
 
 MAX_LOSS_POINTS = 500  # older points are thinned (every other one dropped), so the whole run stays visible
 MAX_ROUNDS = 50
+# Rounds have stopped completing when none has for this long, or for 3 typical gaps between
+# complete rounds if that is longer, while trainers are live: a swarm split by a link, or a
+# lone peer failing round after round, is no longer shown as healthy.
+STALL_MIN_S = 120.0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("swarmtrain")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "unknown"
 
 
 class RunMonitor:
@@ -38,6 +50,10 @@ class RunMonitor:
         self._settled = 0  # rounds below this one are final and counted in _rounds_total
         self._rounds_total = {"complete": 0, "failed": 0, "partial": 0}
         self._updated = 0.0
+        self._started = time.time()
+        self._last_complete: tuple[int, float] | None = None  # (round, when this monitor first saw it complete)
+        self._gaps: list[float] = []  # seconds between the last few newly complete rounds
+        self._version = _version()
 
     def poll(self) -> RunStatus:
         """Read the run's records once and fold them in. Failure: DHT errors propagate (the caller logs them)."""
@@ -60,6 +76,11 @@ class RunMonitor:
                 if len(self._loss) > MAX_LOSS_POINTS:
                     self._loss = self._loss[: -MAX_LOSS_POINTS // 2 : 2] + self._loss[-MAX_LOSS_POINTS // 2 :]
             self._rounds = round_outcomes(list(status.peers), self._outcomes)
+            done = max((r for r, o in self._rounds.items() if o["status"] == "complete"), default=None)
+            if done is not None and (self._last_complete is None or done > self._last_complete[0]):
+                if self._last_complete is not None:
+                    self._gaps = (self._gaps + [now - self._last_complete[1]])[-8:]
+                self._last_complete = (done, now)
             # A round is settled once a newer one has been reported: count it then, exactly once.
             newest = max(self._rounds, default=0)
             for r in sorted(self._rounds):
@@ -86,7 +107,19 @@ class RunMonitor:
                 "mean_loss": s.mean_loss, "updated": self._updated, "loss_history": list(self._loss),
                 "rounds": [self._rounds[r] for r in sorted(self._rounds)[-MAX_ROUNDS:]],
                 "rounds_total": dict(self._rounds_total),
+                **self._progress(time.time()), "version": self._version,
             }
+
+    def _progress(self, now: float) -> dict[str, Any]:
+        """When a round last completed, and whether rounds have stopped completing (caller holds the lock)."""
+        last = self._last_complete
+        gaps = sorted(self._gaps)
+        limit = max(STALL_MIN_S, 3 * gaps[len(gaps) // 2]) if gaps else STALL_MIN_S
+        since = now - (last[1] if last else self._started)
+        trainers = len(self._status.peers)
+        failed = sum(1 for r, o in self._rounds.items() if o["status"] != "complete" and (last is None or r > last[0]))
+        return {"last_complete_round": last[0] if last else None, "last_complete_age_s": since if last else None,
+                "stalled": bool(trainers and since > limit), "stall_after_s": limit, "failed_since_complete": failed}
 
     def peers(self) -> list[dict[str, Any]]:
         """Every live node (trainers and archivists), with its credit from the ledger."""

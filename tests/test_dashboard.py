@@ -46,6 +46,8 @@ class FakeMonitor:
                         "failed": 0 if s == "complete" else 2, "duration_s": 4.2 + i, "bytes": 12_345_678, "t": NOW - 60 + 15 * i}
                        for i, s in enumerate(["complete", "failed", "complete", "partial"])],
             "rounds_total": {"complete": 2, "failed": 1, "partial": 1},
+            "last_complete_round": 8, "last_complete_age_s": 40.0, "stalled": False, "stall_after_s": 120.0,
+            "failed_since_complete": 1, "version": "0.1.0",
         }
         self._peers = [_peer(0, "a1b2c3"), _peer(1, "d4e5f6", device="cuda:0"), _peer(2, "archv1", role="archivist")]
         self._ledger = [{"rank": i + 1, "peer_id": p["peer_id"], "short_id": p["short_id"], "device": p["device"],
@@ -254,6 +256,19 @@ def test_live_page_in_chromium(dash: Dashboard, fake: FakeMonitor, tmp_path) -> 
         assert count(driver, "#peers script, #peers img") == 0
         assert driver.execute_script("return window.__pwned === undefined")
         assert driver.find_element(By.ID, "conn").text == "live"
+
+        # The organizer's view: when a round last completed, and a warning once they stop.
+        last = driver.find_element(By.ID, "last-complete")
+        assert last.text == "#8, 40 s ago" and "ok" in last.get_attribute("class")
+        assert not driver.find_element(By.ID, "stall").is_displayed()
+        assert driver.find_element(By.ID, "version").text == "0.1.0"
+        with fake.lock:
+            fake._status.update(stalled=True, last_complete_age_s=400.0, failed_since_complete=28)
+        wait.until(lambda d: d.find_element(By.ID, "stall").is_displayed())
+        banner = driver.find_element(By.ID, "stall").text
+        assert "No round has completed for 2 min 0 s or more while 4 peer(s) train (28 round(s) failed" in banner, banner
+        assert driver.find_element(By.ID, "last-complete").text == "#8, 6 min ago"
+        assert "bad" in driver.find_element(By.ID, "last-complete").get_attribute("class")
 
         shot = tmp_path / "dashboard.png"
         assert driver.save_screenshot(str(shot))

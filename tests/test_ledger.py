@@ -143,3 +143,31 @@ def test_one_peer_cannot_inflate_the_credit_unit():
     mon = RunMonitor(None, "run", Ledger(None))
     mon.observe({"A": rec("A", 100), "B": rec("B", 100), "C": rec("C", 100, fps=1e30)}, now=1)
     assert all(r["credit"] == 100 * FPS for r in mon.ledger())  # the median FLOPs/sample is used
+
+
+def test_monitor_warns_when_rounds_stop_completing():
+    """The dashboard's "last complete round" and its warning: a lone peer failing round after
+    round (or a split swarm) must not look healthy."""
+    import time
+
+    ok = lambda r, t: RoundOutcome(round=r, status="complete", duration_s=0.5, bytes=100, members=2, t=t)  # noqa: E731
+    bad = lambda r, t: RoundOutcome(round=r, status="failed", duration_s=2.0, bytes=0, members=1, t=t)  # noqa: E731
+    now = time.time()
+    mon = RunMonitor(None, "run", Ledger(None))
+    s = mon.status()
+    assert s["last_complete_round"] is None and not s["stalled"]  # nobody trains: nothing to warn about
+    mon.observe({"A": rec("A", 10, recent=(ok(1, now - 30),)), "B": rec("B", 10, recent=(ok(1, now - 30),))}, now=now - 30)
+    s = mon.status()
+    assert s["last_complete_round"] == 1 and 29 < s["last_complete_age_s"] < 60 and not s["stalled"]
+    assert s["version"] and s["stall_after_s"] == 120
+    # B left; A alone fails round 2 again and again for minutes.
+    mon2 = RunMonitor(None, "run", Ledger(None))
+    mon2.observe({"A": rec("A", 10, recent=(ok(1, now - 600),))}, now=now - 600)
+    mon2.observe({"A": rec("A", 20, recent=(ok(1, now - 600), bad(2, now - 300), bad(2, now - 10)))}, now=now)
+    s = mon2.status()
+    assert s["stalled"] and s["last_complete_round"] == 1 and s["failed_since_complete"] == 1
+    assert s["last_complete_age_s"] >= 600
+    # It completes round 2 with a new peer: the warning goes.
+    mon2.observe({"A": rec("A", 30, recent=(ok(2, now),)), "C": rec("C", 5, recent=(ok(2, now),))}, now=time.time())
+    s = mon2.status()
+    assert not s["stalled"] and s["last_complete_round"] == 2 and s["failed_since_complete"] == 0

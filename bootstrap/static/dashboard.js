@@ -107,6 +107,17 @@ function renderStatus(s) {
   setText("mean-loss", fmtFixed(s.mean_loss, 4));
   setText("agree", s.agree ? "yes" : "no", "value " + (s.agree ? "ok" : "bad"));
   setText("updated", fmtClock(s.updated));
+  setText("version", str(s.version));
+  // When a round last completed, and a warning once rounds stop completing while peers train
+  // (a split swarm, or a lone peer failing round after round, used to look healthy here).
+  const last = s.last_complete_round === null || s.last_complete_round === undefined ? "none yet"
+    : "#" + fmtInt(s.last_complete_round) + ", " + fmtAgo(s.last_complete_age_s);
+  setText("last-complete", last, "value " + (s.stalled ? "bad" : "ok"));
+  const stall = $("stall");
+  stall.hidden = !s.stalled;
+  stall.textContent = s.stalled ? "No round has completed for " + fmtDuration(s.stall_after_s) + " or more while " +
+    fmtInt(s.peers_live) + " peer(s) train (" + fmtInt(s.failed_since_complete) + " round(s) failed since the last " +
+    "complete one): the peers cannot reach each other, or are alone. Check `swarm-peer status` and the peers' logs." : "";
   drawLoss(s.loss_history);
   const outcome = {complete: "ok", failed: "bad", partial: "warn"};
   const rounds = (Array.isArray(s.rounds) ? s.rounds : []).slice().reverse();   // newest first

@@ -22,6 +22,7 @@ log = logging.getLogger("swarmtrain.monitor")
 
 MAX_LOSS_POINTS = 500  # older points are thinned (every other one dropped), so the whole run stays visible
 MAX_ROUNDS = 50
+MAX_EVENTS = 100  # peers joining and leaving, newest kept
 # Rounds have stopped completing when none has for this long, or for 3 typical gaps between
 # complete rounds if that is longer, while trainers are live: a swarm split by a link, or a
 # lone peer failing round after round, is no longer shown as healthy.
@@ -54,6 +55,7 @@ class RunMonitor:
         self._last_complete: tuple[int, float] | None = None  # (round, when this monitor first saw it complete)
         self._gaps: list[float] = []  # seconds between the last few newly complete rounds
         self._version = _version()
+        self._events: list[dict[str, Any]] = []  # {"t", "event": "joined" | "left", "peer_id", "role", "device"}
 
     def poll(self) -> RunStatus:
         """Read the run's records once and fold them in. Failure: DHT errors propagate (the caller logs them)."""
@@ -67,6 +69,11 @@ class RunMonitor:
         live = {pid: r for pid, r in records.items() if r.role != "left"}
         status = trainers_of(live)
         with self._lock:
+            if self._updated:  # the first poll finds the swarm as it is: nobody "joined" then
+                for pid in live.keys() - self._all.keys():
+                    self._event(now, "joined", live[pid])
+                for pid in self._all.keys() - live.keys():
+                    self._event(now, "left", self._all[pid])
             self._status, self._all, self._updated = status, live, now
             self._ledger.observe([r for r in records.values() if r.role in ("trainer", "left")],
                                  flops_per_sample=status.flops_per_sample, now=now)
@@ -107,8 +114,12 @@ class RunMonitor:
                 "mean_loss": s.mean_loss, "updated": self._updated, "loss_history": list(self._loss),
                 "rounds": [self._rounds[r] for r in sorted(self._rounds)[-MAX_ROUNDS:]],
                 "rounds_total": dict(self._rounds_total),
-                **self._progress(time.time()), "version": self._version,
+                **self._progress(time.time()), "version": self._version, "events": list(self._events),
             }
+
+    def _event(self, now: float, what: str, r: PeerRecord) -> None:
+        self._events = (self._events + [{"t": now, "event": what, "peer_id": r.peer_id, "role": r.role,
+                                         "device": r.device}])[-MAX_EVENTS:]
 
     def _progress(self, now: float) -> dict[str, Any]:
         """When a round last completed, and whether rounds have stopped completing (caller holds the lock)."""

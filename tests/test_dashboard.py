@@ -48,6 +48,8 @@ class FakeMonitor:
             "rounds_total": {"complete": 2, "failed": 1, "partial": 1},
             "last_complete_round": 8, "last_complete_age_s": 40.0, "stalled": False, "stall_after_s": 120.0,
             "failed_since_complete": 1, "version": "0.1.0",
+            "events": [{"t": NOW - 120, "event": "joined", "peer_id": "Qm" + "d4e5f6", "role": "trainer", "device": "cuda:0"},
+                       {"t": NOW - 30, "event": "left", "peer_id": "Qm" + "zz9988", "role": "trainer", "device": "cpu"}],
         }
         self._peers = [_peer(0, "a1b2c3"), _peer(1, "d4e5f6", device="cuda:0"), _peer(2, "archv1", role="archivist")]
         self._ledger = [{"rank": i + 1, "peer_id": p["peer_id"], "short_id": p["short_id"], "device": p["device"],
@@ -262,6 +264,9 @@ def test_live_page_in_chromium(dash: Dashboard, fake: FakeMonitor, tmp_path) -> 
         assert last.text == "#8, 40 s ago" and "ok" in last.get_attribute("class")
         assert not driver.find_element(By.ID, "stall").is_displayed()
         assert driver.find_element(By.ID, "version").text == "0.1.0"
+        events = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                  for tr in driver.find_elements(By.CSS_SELECTOR, "#events tbody tr")]
+        assert [e[1:4] for e in events] == [["left", "Qmzz9988", "trainer"], ["joined", "Qmd4e5f6", "trainer"]], events
         with fake.lock:
             fake._status.update(stalled=True, last_complete_age_s=400.0, failed_since_complete=28)
         wait.until(lambda d: d.find_element(By.ID, "stall").is_displayed())

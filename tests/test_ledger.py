@@ -171,3 +171,14 @@ def test_monitor_warns_when_rounds_stop_completing():
     mon2.observe({"A": rec("A", 30, recent=(ok(2, now),)), "C": rec("C", 5, recent=(ok(2, now),))}, now=time.time())
     s = mon2.status()
     assert not s["stalled"] and s["last_complete_round"] == 2 and s["failed_since_complete"] == 0
+
+
+def test_monitor_lists_peers_joining_and_leaving():
+    mon = RunMonitor(None, "run", Ledger(None))
+    mon.observe({"A": rec("A", 10), "B": rec("B", 10)}, now=1)  # the swarm as found: no events
+    assert mon.status()["events"] == []
+    mon.observe({"A": rec("A", 20), "C": rec("C", 1)}, now=2)
+    mon.observe({"A": rec("A", 30), "C": rec("C", 2), "Z": rec("Z", 0, role="archivist")}, now=3)
+    events = [(e["t"], e["event"], e["peer_id"], e["role"]) for e in mon.status()["events"]]
+    assert sorted(events[:2]) == [(2, "joined", "C", "trainer"), (2, "left", "B", "trainer")]
+    assert events[2:] == [(3, "joined", "Z", "archivist")]

@@ -119,12 +119,21 @@ function renderStatus(s) {
     fmtInt(s.peers_live) + " peer(s) train (" + fmtInt(s.failed_since_complete) + " round(s) failed since the last " +
     "complete one): the peers cannot reach each other, or are alone. Check `swarm-peer status` and the peers' logs." : "";
   drawLoss(s.loss_history);
+  renderEvents(s.events);
   const outcome = {complete: "ok", failed: "bad", partial: "warn"};
   const rounds = (Array.isArray(s.rounds) ? s.rounds : []).slice().reverse();   // newest first
   fillTable("rounds", rounds, (r) => [
     [fmtInt(r.round), "num"], [str(r.status), outcome[r.status] || ""],
     [fmtInt(r.complete) + " / " + fmtInt(r.peers), "num", fmtInt(r.failed) + " failed"],
     [fmtDuration(r.duration_s), "num"], [fmtSI(r.bytes, "B"), "num"], [fmtClock(r.t), "num"],
+  ]);
+}
+
+function renderEvents(events) {
+  const newest = (Array.isArray(events) ? events : []).slice().reverse();
+  fillTable("events", newest, (e) => [
+    [fmtClock(e.t), "num"], [str(e.event), e.event === "joined" ? "ok" : "warn"],
+    [str(e.peer_id).slice(-8), "mono", str(e.peer_id)], [str(e.role)], [str(e.device)],
   ]);
 }
 

@@ -72,7 +72,13 @@ class _MonitorCollector(Collector):
             GaugeMetricFamily("swarmtrain_throughput_samples_per_second", "Swarm training throughput.",
                               value=status["throughput_samples_per_s"]),
             CounterMetricFamily("swarmtrain_samples", "Samples trained on by the swarm.", value=status["total_samples"]),
+            GaugeMetricFamily("swarmtrain_rounds_stalled", "1 if trainers are live but rounds have stopped completing.",
+                              value=1.0 if status.get("stalled") else 0.0),
         ]
+        if status.get("last_complete_age_s") is not None:  # alert on this: no round completed for too long
+            out.append(GaugeMetricFamily("swarmtrain_last_complete_round_age_seconds",
+                                         "Seconds since the newest complete round was first seen.",
+                                         value=status["last_complete_age_s"]))
         if status.get("mean_loss") is not None:
             out.append(GaugeMetricFamily("swarmtrain_train_loss", "Mean training loss of live peers.",
                                          value=status["mean_loss"]))

@@ -149,6 +149,8 @@ def test_metrics(dash: Dashboard, fake: FakeMonitor) -> None:
     assert samples[("swarmtrain_samples_total", ())] == st["total_samples"]
     assert samples[("swarmtrain_train_loss", ())] == st["mean_loss"]
     assert samples[("swarmtrain_peers_agree", ())] == 1.0
+    assert samples[("swarmtrain_rounds_stalled", ())] == 0.0
+    assert samples[("swarmtrain_last_complete_round_age_seconds", ())] == st["last_complete_age_s"]
     for outcome, n in [("complete", 2), ("failed", 1), ("partial", 1)]:
         assert samples[("swarmtrain_rounds_total", (("status", outcome),))] == n
     for p in fake.peers():

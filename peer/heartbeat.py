@@ -61,7 +61,7 @@ class Heartbeat:
                "ok": ok, "detail": detail, **fields}
         try:
             write_text_atomic(self.path, json.dumps(doc))
-        except OSError:
+        except OSError:  # a full or read-only disk must never stop the node; the supervisor sees a stale beat
             pass
 
     def close(self) -> None:

@@ -111,6 +111,43 @@ def test_prepare_cuts_large_files_at_line_ends_and_decodes_them_whole(tmp_path, 
     assert big == lines.encode()
 
 
+def test_prepare_reads_a_datasets_folder_row_by_row(tmp_path, monkeypatch):
+    """A `datasets` save_to_disk folder: one document per row; a DatasetDict keeps its own held-out
+    split and leaves "test" out; a single Dataset is split by hash. Decoding gives the rows back."""
+    import datasets  # the dev extra (./run test) installs it
+    monkeypatch.setattr(prepare_mod, "PIECE_BYTES", 400)  # several pieces from a small dataset
+    rows = {s: [f"{s} row {i}: " + " ".join(list(sentences(1, seed=i).values())[0].split()[:12]) for i in range(n)]
+            for s, n in (("train", 40), ("validation", 6), ("test", 5))}
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": r, "id": list(range(len(r)))})
+                               for s, r in rows.items()})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    m = prepare([str(tmp_path / "dd")], tmp_path / "data", train_vocab=300)
+    docs = decoded_documents(tmp_path / "data")
+    by_split = {s: [] for s in ("train", "val")}
+    for d in m.documents:  # pieces of consecutive rows, an end-of-text token after each row
+        by_split[d["split"]] += docs[d["name"]].decode().split(prepare_mod.EOT)
+    assert by_split == {"train": rows["train"], "val": rows["validation"]}  # "test" is not trained on
+    assert len([d for d in m.documents if d["split"] == "train"]) > 3
+
+    # One Dataset, bytes (no end-of-text token): rows one per line, held out by hash of the piece.
+    datasets.Dataset.from_dict({"body": rows["train"]}).save_to_disk(str(tmp_path / "ds"))
+    m = prepare([str(tmp_path / "ds")], tmp_path / "bytes", text_column="body", val_fraction=0.2)
+    docs = decoded_documents(tmp_path / "bytes")
+    assert b"".join(docs[d["name"]] for d in m.documents) == "".join(r + "\n" for r in rows["train"]).encode()
+    assert {d["split"] for d in m.documents} == {"train", "val"}
+
+    # Bad datasets folders: one line each, nothing written.
+    datasets.DatasetDict({"test": dd["test"]}).save_to_disk(str(tmp_path / "notrain"))
+    datasets.Dataset.from_dict({"text": ["a", None, "c"]}).save_to_disk(str(tmp_path / "holes"))
+    for paths, kwargs, message in [([tmp_path / "ds"], {}, "has no column 'text'; its columns: body"),
+                                   ([tmp_path / "notrain"], {}, "none named 'train'"),
+                                   ([tmp_path / "holes"], {}, "row 1: column 'text' holds NoneType, not text")]:
+        with pytest.raises(DataError, match=message) as ei:
+            prepare([str(p) for p in paths], tmp_path / "out", **kwargs)
+        assert "\n" not in str(ei.value) and not (tmp_path / "out").exists()
+    assert prepare_mod.main([str(tmp_path / "ds"), "--out", str(tmp_path / "cli"), "--text-column", "body"]) == 0
+
+
 def test_prepare_bad_input_is_one_line_and_leaves_nothing(tmp_path):
     src = corpus(tmp_path / "text")
     (tmp_path / "bin").mkdir()

@@ -13,6 +13,9 @@ Protocol, for round r (every peer runs the same code):
    eventually consistent). A leader that later sees an earlier candidate dissolves its
    group by publishing a redirect; its followers, and itself, follow the earlier leader.
    Redirects only ever point to a strictly earlier (t, id), so this terminates.
+5. Withdraw: a peer whose attempt fails overwrites its declaration with a tombstone, and
+   candidates whose window has ended are not elected, so the peers arriving next never
+   elect an attempt that is over (and a leader that closed with too few peers is skipped).
 
 The group's leader then hosts the rendezvous for the round's gloo process group, so a
 different peer coordinates each round and none is special.
@@ -157,22 +160,49 @@ class Matchmaker:
         included); the leader stops waiting once that many have joined. Every wait is an
         await on the caller's loop; blocking store calls to another peer run in its executor.
 
-        Failure: raises MatchmakingError within `window + join_timeout` seconds if no group
-        of at least `min_group_size` peers forms. Cancellable at any wait (a follower's
+        Failure: raises MatchmakingError within `window + 2 * join_timeout` seconds if no group
+        of at least `min_group_size` peers forms (the last `join_timeout` bounds withdrawing
+        the declaration). Cancellable at any wait (a follower's
         slot is then left empty, which its leader skips after `join_timeout`).
         """
         key = f"mm.{fingerprint}.{round_}"
         me = Candidate(dht_time(), self.dht.peer_id, self.announce_host, self.port, uuid.uuid4().hex[:16])
+        if self.client_mode:  # clients are never elected, so they do not declare
+            return await self._elect(round_, key, me, expected_size)
+        # Signed under our owner subkey: a candidate's peer id is proven by its key, so nobody can
+        # declare (or be elected) under another peer's id.
+        await self.dht.aput_signed(key, me.to_record(), ttl=self._ttl)
+        try:
+            return await self._elect(round_, key, me, expected_size)
+        except BaseException:
+            # Withdraw the declaration of a failed (or cancelled) attempt. Left in place, it
+            # outlives the attempt by up to its TTL, and peers arriving at this round meanwhile
+            # elect it and join a group that is closed or that nobody serves: they fail too,
+            # and, retrying at a similar rhythm, elect each other's dead attempts round after
+            # round (seen in the chaos test: 4 live peers, 20 failed rounds). The tombstone
+            # lives as long as a declaration, since a DHT value is replaced only by one that
+            # expires later; the next attempt's declaration replaces it in turn.
+            with contextlib.suppress(Exception):  # best effort: stale candidates are also filtered by age
+                await asyncio.wait_for(self.dht.aput_signed(key, {"withdrawn": me.nonce}, ttl=self._ttl),
+                                       self.cfg.join_timeout)
+            raise
+
+    @property
+    def _ttl(self) -> float:
+        return self.cfg.window + 2 * self.cfg.join_timeout
+
+    async def _elect(self, round_: int, key: str, me: Candidate, expected_size: Callable[[], int | Awaitable[int]]) -> Group:
+        """Elect a leader among the round's candidates and lead or follow it, until a group forms
+        or the window ends (MatchmakingError)."""
         deadline = time.monotonic() + self.cfg.window
-        if not self.client_mode:  # clients are never elected, so they do not declare
-            # Signed under our owner subkey: a candidate's peer id is proven by its key, so nobody can
-            # declare (or be elected) under another peer's id.
-            await self.dht.aput_signed(key, me.to_record(), ttl=self.cfg.window + 2 * self.cfg.join_timeout)
         excluded: set[str] = set()
         hint: Candidate | None = None  # a redirect target we may not see in the DHT yet
         last_error = "no other peer arrived"
         while time.monotonic() < deadline:
-            cands = {c.peer_id: c for c in await self._candidates(key)}
+            # A candidate whose window ended (with a margin for clock skew) no longer leads anything:
+            # its group has closed, or its attempt failed and its withdrawal has not reached us.
+            fresh_after = dht_time() - self.cfg.window - self.cfg.join_timeout
+            cands = {c.peer_id: c for c in await self._candidates(key) if c.t >= fresh_after}
             if not self.client_mode:
                 cands[me.peer_id] = me
             if hint is not None:
@@ -191,7 +221,7 @@ class Matchmaker:
             except _Redirect as r:
                 hint = r.target
                 last_error = f"redirected to {short_id(r.target.peer_id)}"
-            except _Unreachable as u:
+            except _Unreachable as u:  # _Closed included
                 excluded.add(leader.peer_id)
                 last_error = str(u)
         raise MatchmakingError(f"no group formed for round {round_} within {self.cfg.window:.0f}s ({last_error})")
@@ -343,6 +373,8 @@ class Matchmaker:
             with contextlib.suppress(RuntimeError):  # best effort: the redirect stands either way
                 await asyncio.to_thread(store.set, f"{prefix}slot/{slot}", json.dumps({"withdrawn": True}))
             raise _Redirect(target)
+        if isinstance(reply, dict) and reply.get("closed") is not None:  # the leader failed its own attempt: elect again
+            raise _Closed(f"leader {short_id(leader.peer_id)} closed its group: {str(reply['closed'])[:80]}")
         members = reply.get("members") if isinstance(reply, dict) else None
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             reason = reply.get("closed", "malformed member list") if isinstance(reply, dict) else "malformed reply"
@@ -381,3 +413,7 @@ def _is_number(x: Any) -> bool:
 
 class _Unreachable(Exception):
     """The chosen leader cannot be used; exclude it and elect again."""
+
+
+class _Closed(_Unreachable):
+    """The chosen leader's attempt failed (too few peers) and formed no group; elect again."""

@@ -12,7 +12,8 @@ import threading
 import pytest
 
 from averaging import MatchmakingConfig, SwarmDHT
-from averaging.matchmaking import Matchmaker
+from averaging.errors import MatchmakingError
+from averaging.matchmaking import Candidate, Matchmaker
 
 from .conftest import wait_for
 
@@ -33,7 +34,8 @@ class PartialView:
 
 
 def _declared(dht: SwarmDHT, peer_id: str) -> bool:
-    return peer_id in dht.get_signed(f"mm.{FP}.{ROUND}")
+    """Whether `peer_id` is a candidate for ROUND in `dht`'s view."""
+    return Candidate.from_record(peer_id, dht.get_signed(f"mm.{FP}.{ROUND}").get(peer_id)) is not None
 
 
 @pytest.mark.timeout(90)
@@ -66,6 +68,45 @@ def test_a_peer_that_misses_the_earliest_candidate_is_redirected_into_its_group(
         (group,) = members
         assert set(group) == {d.peer_id for d in dhts}
         assert all(groups[i].leader == first.peer_id for i in range(3))
+    finally:
+        for m in mms:
+            m.close()
+        for d in [*dhts, boot]:
+            d.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_a_failed_attempt_does_not_lure_the_next_peers_into_its_dead_group():
+    """A peer whose attempt at a round failed (it was alone) leaves its declaration in the DHT
+    until the record expires. Peers that arrive at the same round right after must not elect
+    that dead declaration (its group is closed, or nobody answers under it) and fail their own
+    round too: found in the chaos test, where 4 peers retrying one round every ~15 s kept
+    electing each other's previous attempts and failed 20 rounds in a row."""
+    boot = SwarmDHT.start(RUN, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [SwarmDHT.start(RUN, initial_peers=boot.visible_maddrs()[:1], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+            for _ in range(3)]
+    cfg = MatchmakingConfig(window=4, join_timeout=5)
+    mms = [Matchmaker(d, listen_host="127.0.0.1", announce_host="127.0.0.1", cfg=cfg) for d in dhts]
+    try:
+        with pytest.raises(MatchmakingError, match="only 1 peer"):  # alone: its attempt fails
+            mms[0].form_group(ROUND, FP, lambda: 1 + 1)
+        withdrawn = not _declared(boot, dhts[0].peer_id)  # checked below, after what a user sees
+        groups, errors = {}, {}
+
+        def go(i: int) -> None:
+            try:
+                groups[i] = mms[i].form_group(ROUND, FP, lambda: 2)
+            except Exception as e:  # noqa: BLE001 - reported by the assertion below
+                errors[i] = e
+
+        threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert groups[1].members == groups[2].members and set(groups[1].members) == {dhts[1].peer_id, dhts[2].peer_id}
+        assert withdrawn  # how: the failed attempt withdrew its declaration
     finally:
         for m in mms:
             m.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import asdict
 from typing import Any
 
 from averaging.dht import SwarmDHT
@@ -29,6 +30,13 @@ MAX_EVENTS = 100  # peers joining and leaving, newest kept
 STALL_MIN_S = 120.0
 
 
+def _thin(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep at most MAX_LOSS_POINTS: past that, every other point of the older half is dropped."""
+    if len(points) <= MAX_LOSS_POINTS:
+        return points
+    return points[: -MAX_LOSS_POINTS // 2 : 2] + points[-MAX_LOSS_POINTS // 2 :]
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -45,7 +53,8 @@ class RunMonitor:
         self._lock = threading.Lock()
         self._status = RunStatus(())
         self._all: dict[str, PeerRecord] = {}
-        self._loss: list[dict[str, Any]] = []
+        self._loss: list[dict[str, Any]] = []  # {"t", "round", "loss", "samples", "throughput", "peers"} per poll
+        self._val: list[dict[str, Any]] = []  # {"t", "round", "val_loss", "samples"} per evaluated round
         self._outcomes: dict[int, dict[str, Any]] = {}  # round -> peer id -> RoundOutcome
         self._rounds: dict[int, dict[str, Any]] = {}
         self._settled = 0  # rounds below this one are final and counted in _rounds_total
@@ -79,9 +88,14 @@ class RunMonitor:
                                  flops_per_sample=status.flops_per_sample, now=now)
             total = sum(e.samples for e in self._ledger.entries.values())
             if status.mean_loss is not None and (not self._loss or self._loss[-1]["samples"] != total):
-                self._loss.append({"t": now, "round": status.round, "loss": status.mean_loss, "samples": total})
-                if len(self._loss) > MAX_LOSS_POINTS:
-                    self._loss = self._loss[: -MAX_LOSS_POINTS // 2 : 2] + self._loss[-MAX_LOSS_POINTS // 2 :]
+                self._loss = _thin(self._loss + [{"t": now, "round": status.round, "loss": status.mean_loss,
+                                                  "samples": total, "throughput": status.throughput,
+                                                  "peers": len(status.peers)}])
+            val = status.val_loss
+            if val is not None and (not self._val or val[0] > self._val[-1]["round"]):
+                self._val = _thin(self._val + [{"t": now, "round": val[0], "val_loss": val[1], "samples": total}])
+            elif val is not None and val[0] == self._val[-1]["round"]:  # more peers reported the same round
+                self._val[-1]["val_loss"] = val[1]
             self._rounds = round_outcomes(list(status.peers), self._outcomes)
             done = max((r for r, o in self._rounds.items() if o["status"] == "complete"), default=None)
             if done is not None and (self._last_complete is None or done > self._last_complete[0]):
@@ -112,10 +126,17 @@ class RunMonitor:
                 "throughput_samples_per_s": s.throughput,
                 "total_samples": sum(e.samples for e in self._ledger.entries.values()),
                 "mean_loss": s.mean_loss, "updated": self._updated, "loss_history": list(self._loss),
+                "val_history": [dict(v) for v in self._val], **self._settings(s),
                 "rounds": [self._rounds[r] for r in sorted(self._rounds)[-MAX_ROUNDS:]],
                 "rounds_total": dict(self._rounds_total),
                 **self._progress(time.time()), "version": self._version, "events": list(self._events),
             }
+
+    @staticmethod
+    def _settings(s: RunStatus) -> dict[str, Any]:
+        """The run's configuration as most trainers report it (model size, H/T, outer step, codec)."""
+        common, others = s.settings
+        return {"run_config": asdict(common) if common else None, "config_others": others}
 
     def _event(self, now: float, what: str, r: PeerRecord) -> None:
         self._events = (self._events + [{"t": now, "event": what, "peer_id": r.peer_id, "role": r.role,

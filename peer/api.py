@@ -15,6 +15,7 @@ owns their lifecycle: built and started in the constructor, stopped by `close()`
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import socket
 import time
@@ -37,7 +38,7 @@ from averaging.memory import steady_malloc
 from .config import PeerConfig
 from .hf import describe_model
 from .loop import PeerLoop
-from .membership import MAX_MADDRS, Announcer, PeerRecord, Rediscovery, record_validator
+from .membership import MAX_MADDRS, Announcer, PeerRecord, Rediscovery, RunSettings, record_validator
 from .rounds import HISTORY_ROUNDS, NO_PEER, RoundLoop  # noqa: F401  (re-exported: tests and tools use them)
 from .state import CheckpointDir, SwarmState
 from .stats import PeerStats, RoundCost
@@ -271,6 +272,13 @@ class Peer:
         self._rounds.last_loss = float(loss)
         self._announce(False)
 
+    def report_val_loss(self, loss: float) -> None:
+        """Tell the swarm the validation loss of the current round's parameters (θ_sync, before
+        any local step): the dashboard plots it per round. Published at once (it changes rarely)."""
+        if math.isfinite(loss):  # a diverged evaluation is not published (the record takes finite numbers)
+            self._rounds.last_val = (self.round, float(loss))
+            self._announce(True)
+
     # ------------------------------------------------------------------ what it knows
     def stats(self) -> PeerStats:
         """A frozen snapshot of this peer's counters (safe to keep and to read from any thread)."""
@@ -353,6 +361,8 @@ class Peer:
             step=c.local_step, samples=c.total_samples, loss=r.last_loss,
             device=self.device.type, version=VERSION, incarnation=self.incarnation, maddrs=self._maddrs,
             catch_up_round=r.catch_up[0], catch_up_digest=r.catch_up[1],
+            val_round=r.last_val[0] if r.last_val else 0, val_loss=r.last_val[1] if r.last_val else None,
+            settings=RunSettings.of(self.config.sync, params=sum(int(torch.Size(s).numel()) for _, s, _ in self.schema)),
         )
 
     def _check_compatible(self) -> None:

@@ -57,6 +57,24 @@ class _RoundSchema(pd.BaseModel):
     t: _Finite
 
 
+class _SettingsSchema(pd.BaseModel):
+    params: _Count
+    every_steps: _Count
+    every_seconds: _Seconds
+    outer_lr: _Finite
+    outer_momentum: _Finite
+    nesterov: pd.StrictBool
+    compression: _Str
+    aggregator: _Str
+    fragments: _Count
+    overlap: pd.StrictBool
+    min_group_size: _Count
+    max_group_size: _Count
+
+    class Config:
+        extra = pd.Extra.forbid
+
+
 class _PeerSchema(pd.BaseModel):
     round: _Count
     fingerprint: _Str
@@ -82,6 +100,9 @@ class _PeerSchema(pd.BaseModel):
     maddrs: pd.conlist(_Str, max_items=MAX_MADDRS)
     catch_up_round: _Count
     catch_up_digest: _Str
+    val_loss: Optional[_Finite]
+    val_round: _Count
+    settings: _SettingsSchema
     recent: pd.conlist(_RoundSchema, max_items=RECENT_ROUNDS)
 
     class Config:
@@ -110,6 +131,34 @@ class RoundOutcome:
     bytes: int
     members: int
     t: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """What a run organizer wants to see of a peer's setup (the dashboard's run configuration).
+    All zero: not known (an archivist, or a record built only to compare states)."""
+
+    params: int = 0
+    every_steps: int = 0  # H
+    every_seconds: float = 0.0  # T
+    outer_lr: float = 0.0
+    outer_momentum: float = 0.0
+    nesterov: bool = False
+    compression: str = ""
+    aggregator: str = ""
+    fragments: int = 0
+    overlap: bool = False
+    min_group_size: int = 0
+    max_group_size: int = 0
+
+    @classmethod
+    def of(cls, sync: Any, params: int) -> "RunSettings":
+        """From a peer's SyncConfig (its outer values resolved) and its parameter count."""
+        return cls(params=int(params), every_steps=int(sync.every_steps), every_seconds=float(sync.every_seconds),
+                   outer_lr=float(sync.outer_lr), outer_momentum=float(sync.outer_momentum),
+                   nesterov=bool(sync.nesterov), compression=str(sync.compression), aggregator=str(sync.aggregator),
+                   fragments=int(sync.fragments), overlap=bool(sync.overlap),
+                   min_group_size=int(sync.min_group_size), max_group_size=int(sync.max_group_size))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,6 +202,11 @@ class PeerRecord:
     # landing one round behind at every download. 0 / "" otherwise.
     catch_up_round: int = 0
     catch_up_digest: str = ""
+    # The validation loss of θ_sync after round `val_round` (peers at one round evaluate the same
+    # parameters on the same held-out data), when the peer's trainer reports one.
+    val_loss: float | None = None
+    val_round: int = 0
+    settings: RunSettings = RunSettings()
     recent: tuple[RoundOutcome, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
@@ -175,6 +229,7 @@ class PeerRecord:
         if d != rec:  # pydantic converted something (e.g. 3 -> 3.0): not a valid record
             return None
         d["recent"] = tuple(RoundOutcome(**o) for o in d["recent"])
+        d["settings"] = RunSettings(**d["settings"])
         d["maddrs"] = tuple(d["maddrs"])
         return cls(peer_id=peer_id, **d)
 

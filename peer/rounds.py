@@ -111,6 +111,7 @@ class RoundLoop:
         self.counters = Counters()
         self.clock = ComputeClock()
         self.last_loss: float | None = None
+        self.last_val: tuple[int, float] | None = None  # (round, validation loss of θ_sync after it)
         self._loss_t: torch.Tensor | None = None
         self._rate_window: deque[tuple[float, int]] = deque()  # (time, total samples), last ~30 s
         # The last HISTORY_ROUNDS sync attempts, without their mean Δ: a long run must not keep

@@ -13,7 +13,7 @@ from typing import Any
 
 from averaging.identity import short_id  # noqa: F401  (re-exported)
 
-from .membership import PeerRecord
+from .membership import PeerRecord, RunSettings
 from .progress import fmt_bytes, fmt_rate
 
 
@@ -48,6 +48,25 @@ class RunStatus:
         inflating its own figure cannot inflate everyone's credit unit."""
         vals = sorted(p.flops_per_sample for p in self.peers if p.flops_per_sample > 0)
         return vals[len(vals) // 2] if vals else 0.0
+
+    @property
+    def val_loss(self) -> tuple[int, float] | None:
+        """(round, mean validation loss) at the newest round any trainer has evaluated."""
+        reported = [p for p in self.peers if p.val_loss is not None]
+        if not reported:
+            return None
+        r = max(p.val_round for p in reported)
+        vals = [p.val_loss for p in reported if p.val_round == r]
+        return r, sum(vals) / len(vals)
+
+    @property
+    def settings(self) -> tuple[RunSettings | None, int]:
+        """The run's configuration as most trainers report it, and how many trainers report another."""
+        counts = Counter(p.settings for p in self.peers if p.settings.params)
+        if not counts:
+            return None, 0
+        common, n = counts.most_common(1)[0]
+        return common, sum(counts.values()) - n
 
     def line(self) -> str:
         if not self.peers:

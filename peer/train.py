@@ -62,6 +62,7 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         sampler = corpus.sampler(block_size=cfg.model.block_size, batch_size=cfg.data.batch_size,
                                  shard=parse_shard(cfg.data.shard), seed=peer.seed)
         val_start = val_loss()
+        peer.report_val_loss(val_start)  # the dashboard plots the swarm's validation loss by round
         val_final, round_losses = val_start, [(peer.round, val_start)]
         val_by_samples = [(peer.total_samples, val_start)]  # this peer's own samples at each evaluation
         t_train = time.monotonic()
@@ -91,6 +92,7 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
                 evaluated = peer.round % cfg.train.eval_every_rounds == 0
                 if evaluated:
                     val_final = val_loss()
+                    peer.report_val_loss(val_final)
                     round_losses.append((peer.round, val_final))
                     val_by_samples.append((peer.total_samples, val_final))
                     # peer.api has already logged the round itself ("round N complete: ..."): one line, not two

@@ -40,8 +40,15 @@ class FakeMonitor:
         self._status = {
             "run_id": "test-run", "round": 9, "agree": True, "peers_live": 3, "throughput_samples_per_s": 94.5,
             "total_samples": 43_500, "mean_loss": 2.4, "updated": NOW,
-            "loss_history": [{"t": NOW - 300 + 30 * i, "round": i, "loss": 4.0 - 0.2 * i, "samples": 4000 * (i + 1)}
+            "loss_history": [{"t": NOW - 300 + 30 * i, "round": i, "loss": 4.0 - 0.2 * i + 0.3 * (i % 2),
+                              "samples": 4000 * (i + 1), "throughput": 60.0 + 5 * i, "peers": 2 + i // 4}
                              for i in range(10)],
+            "val_history": [{"t": NOW - 300 + 90 * i, "round": 3 * i, "val_loss": 4.2 - 0.3 * i, "samples": 12000 * (i + 1)}
+                            for i in range(3)],
+            "run_config": {"params": 431_360, "every_steps": 50, "every_seconds": 0.0, "outer_lr": 0.7,
+                           "outer_momentum": 0.9, "nesterov": True, "compression": "int8", "aggregator": "mean",
+                           "fragments": 1, "overlap": False, "min_group_size": 2, "max_group_size": 64},
+            "config_others": 0,
             "rounds": [{"round": 6 + i, "status": s, "peers": 3, "complete": 3 if s == "complete" else 1,
                         "failed": 0 if s == "complete" else 2, "duration_s": 4.2 + i, "bytes": 12_345_678, "t": NOW - 60 + 15 * i}
                        for i, s in enumerate(["complete", "failed", "complete", "partial"])],
@@ -240,8 +247,28 @@ def test_live_page_in_chromium(dash: Dashboard, fake: FakeMonitor, tmp_path) -> 
         wait = WebDriverWait(driver, 20)
         wait.until(lambda d: count(d, "#peers tbody tr") == 3)
         wait.until(lambda d: d.find_element(By.ID, "loss-plot").get_attribute("data-points") == "10")
-        assert count(driver, "#loss-plot circle.pt") == 10
-        assert count(driver, "#loss-plot polyline") == 1
+        # The loss plot: raw train points (faint), their smoothed line, and the validation loss per round.
+        assert count(driver, "#loss-plot circle.raw") == 10 and count(driver, "#loss-plot circle.val") == 3
+        polylines = {p.get_attribute("class"): p.get_attribute("points")
+                     for p in driver.find_elements(By.CSS_SELECTOR, "#loss-plot polyline")}
+        assert set(polylines) == {"raw", "line", "val"} and polylines["line"] != polylines["raw"]
+        assert "samples trained on by the swarm" in driver.find_element(By.ID, "loss-plot").text
+        set_control = "const e = document.getElementById(arguments[0]); e.value = arguments[1]; " \
+                      "e.dispatchEvent(new Event('input'));"
+        driver.execute_script(set_control, "loss-smooth", "0")  # no smoothing: one line through the points
+        assert count(driver, "#loss-plot polyline") == 2 and count(driver, "#loss-plot circle.line") == 10
+        assert driver.find_element(By.CSS_SELECTOR, "#loss-plot polyline.line").get_attribute("points") == polylines["raw"]
+        driver.execute_script(set_control, "loss-x", "round")
+        texts = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "#loss-plot text")]
+        assert "round" in texts and texts[-3:-1] == ["0", "9"], texts  # the x axis runs over rounds 0..9
+        assert driver.find_element(By.ID, "throughput-plot").get_attribute("data-points") == "10"
+        assert count(driver, "#peers-plot polyline") == 1
+        config = {tr.find_elements(By.TAG_NAME, "td")[0].text: tr.find_elements(By.TAG_NAME, "td")[1].text
+                  for tr in driver.find_elements(By.CSS_SELECTOR, "#run-config tbody tr")}
+        assert config == {"model": "431,360 parameters", "sync every": "H = 50 inner steps",
+                          "outer optimizer": "Nesterov, lr 0.70, momentum 0.90", "wire codec": "int8",
+                          "aggregator": "mean", "group size": "2 to 64 peers"}, config
+        assert not driver.find_element(By.ID, "config-others").is_displayed()
         wait.until(lambda d: count(d, "#leaderboard tbody tr") == 3)
         assert count(driver, "#rounds tbody tr") == 4
         assert driver.find_element(By.ID, "round").text == "9"
@@ -270,8 +297,9 @@ def test_live_page_in_chromium(dash: Dashboard, fake: FakeMonitor, tmp_path) -> 
                   for tr in driver.find_elements(By.CSS_SELECTOR, "#events tbody tr")]
         assert [e[1:4] for e in events] == [["left", "Qmzz9988", "trainer"], ["joined", "Qmd4e5f6", "trainer"]], events
         with fake.lock:
-            fake._status.update(stalled=True, last_complete_age_s=400.0, failed_since_complete=28)
+            fake._status.update(stalled=True, last_complete_age_s=400.0, failed_since_complete=28, config_others=1)
         wait.until(lambda d: d.find_element(By.ID, "stall").is_displayed())
+        assert driver.find_element(By.ID, "config-others").text.startswith("1 trainer(s) report a different configuration")
         banner = driver.find_element(By.ID, "stall").text
         assert "No round has completed for 2 min 0 s or more while 4 peer(s) train (28 round(s) failed" in banner, banner
         assert driver.find_element(By.ID, "last-complete").text == "#8, 6 min ago"

@@ -43,8 +43,15 @@ def test_live_swarm_dashboard_status_and_ledger_restart(procs, tmp_path):
     def ready():
         st, led = get_json(url + "api/status"), get_json(url + "api/ledger")
         return (st["peers_live"] == 3 and len(st["loss_history"]) >= 2 and st["round"] >= 2
-                and len(led) == 3 and all(r["samples"] > 0 and r["credit"] > 0 for r in led))
+                and len(led) == 3 and all(r["samples"] > 0 and r["credit"] > 0 for r in led)
+                and len(st["val_history"]) >= 2)  # the peers' validation loss of θ_sync, by round
     wait_for(ready, 240, "the dashboard to show 3 training peers", boot)
+    st = get_json(url + "api/status")
+    # The run's configuration as the peers run it (their flags and the defaults), nobody different.
+    assert st["run_config"]["every_steps"] == 10 and st["run_config"]["outer_lr"] == 0.7, st["run_config"]
+    assert st["run_config"]["compression"] == "fp32" and st["run_config"]["params"] > 0 and st["config_others"] == 0
+    rounds = [v["round"] for v in st["val_history"]]
+    assert rounds == sorted(set(rounds)) and all(0 < v["val_loss"] < 10 for v in st["val_history"])
 
     # --- the page in a real browser
     if chromium_available():
@@ -58,6 +65,8 @@ def test_live_swarm_dashboard_status_and_ledger_restart(procs, tmp_path):
             wait.until(lambda d: int(d.find_element(By.ID, "loss-plot").get_attribute("data-points") or 0) >= 2)
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")) == 3)
             assert len(driver.find_elements(By.CSS_SELECTOR, "#loss-plot circle.pt")) >= 2
+            wait.until(lambda d: int(d.find_element(By.ID, "loss-plot").get_attribute("data-val-points") or 0) >= 2)
+            assert "H = 10 inner steps" in driver.find_element(By.ID, "run-config").text
             assert int(driver.find_element(By.ID, "round").text) >= 2
             table = driver.find_element(By.ID, "peers").text
             for r in get_json(url + "api/peers"):

@@ -456,6 +456,11 @@ ROUND_OUTCOMES = st.fixed_dictionaries({
     "round": _COUNT, "status": st.sampled_from(["complete", "failed"]), "duration_s": _SECONDS,
     "bytes": _COUNT, "members": _COUNT, "t": _FINITE,
 })
+SETTINGS = st.fixed_dictionaries({
+    "params": _COUNT, "every_steps": _COUNT, "every_seconds": _SECONDS, "outer_lr": _FINITE, "outer_momentum": _FINITE,
+    "nesterov": st.booleans(), "compression": _STR, "aggregator": _STR, "fragments": _COUNT, "overlap": st.booleans(),
+    "min_group_size": _COUNT, "max_group_size": _COUNT,
+})
 VALID_PEER_RECORDS = st.fixed_dictionaries({
     "round": _COUNT, "fingerprint": _STR, "schema": _STR, "digest": _STR, "host": _STR,
     "port": st.integers(0, 65535), "step": _COUNT, "samples": _COUNT, "loss": st.none() | _FINITE,
@@ -463,6 +468,7 @@ VALID_PEER_RECORDS = st.fixed_dictionaries({
     "samples_per_s": _SECONDS, "compute_s": _SECONDS, "rounds_ok": _COUNT, "rounds_failed": _COUNT,
     "bytes_sent": _COUNT, "bytes_recv": _COUNT, "flops_per_sample": _SECONDS, "incarnation": _STR,
     "maddrs": st.lists(_STR, max_size=8), "catch_up_round": _COUNT, "catch_up_digest": _STR,
+    "val_loss": st.none() | _FINITE, "val_round": _COUNT, "settings": SETTINGS,
     "recent": st.lists(ROUND_OUTCOMES, max_size=5),
 })
 # Values a field can be mutated to: anything msgpack carries, plus near-misses of the schema.
@@ -493,16 +499,18 @@ def test_peer_record_parse_arbitrary(rec):
 @given(rec=VALID_PEER_RECORDS, data=st.data())
 def test_peer_record_parse_one_field_mutated(rec, data):
     """A valid record parses to an equal PeerRecord; with one field replaced, removed or added
-    (also inside `recent`) it parses to a PeerRecord or None; never raises."""
+    (also inside `recent` and `settings`) it parses to a PeerRecord or None; never raises."""
     assert _check_peer_record(rec) is not None
-    rec = dict(rec, recent=[dict(o) for o in rec["recent"]])
-    action = data.draw(st.sampled_from(["replace", "delete", "add", "recent"]))
+    rec = dict(rec, recent=[dict(o) for o in rec["recent"]], settings=dict(rec["settings"]))
+    action = data.draw(st.sampled_from(["replace", "delete", "add", "recent", "settings"]))
     if action == "replace":
         rec[data.draw(st.sampled_from(sorted(rec)))] = data.draw(NEAR_MISS)
     elif action == "delete":
         del rec[data.draw(st.sampled_from(sorted(rec)))]
     elif action == "add":
         rec[data.draw(KEY_TEXT)] = data.draw(NEAR_MISS)
+    elif action == "settings":
+        rec["settings"][data.draw(st.sampled_from(sorted(rec["settings"])) | KEY_TEXT)] = data.draw(NEAR_MISS)
     elif rec["recent"]:
         entry = data.draw(st.sampled_from(rec["recent"]))
         entry[data.draw(st.sampled_from(sorted(entry)) | KEY_TEXT)] = data.draw(NEAR_MISS)

@@ -182,3 +182,35 @@ def test_monitor_lists_peers_joining_and_leaving():
     events = [(e["t"], e["event"], e["peer_id"], e["role"]) for e in mon.status()["events"]]
     assert sorted(events[:2]) == [(2, "joined", "C", "trainer"), (2, "left", "B", "trainer")]
     assert events[2:] == [(3, "joined", "Z", "archivist")]
+
+
+def test_monitor_keeps_validation_loss_throughput_and_the_run_config():
+    """The organizer's view: validation loss per evaluated round (the mean of the peers at that
+    round), throughput and peers at each point, and the configuration most trainers run."""
+    from dataclasses import replace
+
+    from peer.config import SyncConfig
+    from peer.membership import RunSettings
+
+    usual = RunSettings.of(SyncConfig(every_steps=50, compression="int8"), params=431_360)
+    odd = replace(usual, outer_lr=0.1)
+
+    def trainer(pid, samples, val=None, val_round=0, settings=usual):
+        return replace(rec(pid, samples), val_loss=val, val_round=val_round, settings=settings, samples_per_s=10.0)
+
+    mon = RunMonitor(None, "run", Ledger(None))
+    mon.observe({"A": trainer("A", 10, 4.0, 0), "B": trainer("B", 10)}, now=1)
+    mon.observe({"A": trainer("A", 20, 4.0, 0), "B": trainer("B", 20, 3.0, 2)}, now=2)  # B evaluated round 2 first
+    mon.observe({"A": trainer("A", 30, 2.0, 2), "B": trainer("B", 30, 3.0, 2), "C": trainer("C", 5, settings=odd)}, now=3)
+    s = mon.status()
+    assert [(v["round"], v["val_loss"]) for v in s["val_history"]] == [(0, 4.0), (2, 2.5)]
+    assert [(p["throughput"], p["peers"]) for p in s["loss_history"]] == [(20.0, 2), (20.0, 2), (30.0, 3)]
+    assert s["run_config"]["every_steps"] == 50 and s["run_config"]["compression"] == "int8"
+    assert s["run_config"]["outer_lr"] == 0.7 and s["run_config"]["params"] == 431_360
+    assert s["config_others"] == 1  # C runs another outer learning rate
+    # What a peer publishes passes the DHT's schema, and what the schema rejects is not taken.
+    good = trainer("A", 1, 2.5, 3).to_record()
+    assert PeerRecord.parse("A", good).settings == usual
+    assert PeerRecord.parse("A", {**good, "settings": {**good["settings"], "params": -1}}) is None
+    assert PeerRecord.parse("A", {**good, "val_loss": float("nan")}) is None
+    json.dumps(s)

@@ -63,39 +63,108 @@ function svgEl(parent, name, attrs, text) {
   return el;
 }
 
-function drawLoss(history) {
-  const svg = $("loss-plot");
-  const W = 960, H = 260, L = 60, R = 16, T = 14, B = 30;
-  const pts = (Array.isArray(history) ? history : []).filter((p) => p && isNum(p.t) && isNum(p.loss));
+// A line chart into an <svg viewBox="0 0 W H">. series: [{cls, pts: [{x, y, title?}], dots?}];
+// xFmt formats the axis ends. Never divides by zero: one point or a flat line gets a padded range.
+function drawChart(svg, series, {xFmt, xLabel, yFmt, empty}) {
+  const W = Number(svg.viewBox.baseVal.width) || 960, H = Number(svg.viewBox.baseVal.height) || 260;
+  const L = 60, R = 16, T = 14, B = 30;
   svg.replaceChildren();
-  svg.setAttribute("data-points", String(pts.length));
   svgEl(svg, "line", {x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis"});
   svgEl(svg, "line", {x1: L, y1: T, x2: L, y2: H - B, class: "axis"});
-  if (pts.length === 0) {
-    svgEl(svg, "text", {x: (L + W - R) / 2, y: (T + H - B) / 2, "text-anchor": "middle"}, "no loss reported yet");
+  const all = series.flatMap((s) => s.pts);
+  if (all.length === 0) {
+    svgEl(svg, "text", {x: (L + W - R) / 2, y: (T + H - B) / 2, "text-anchor": "middle"}, empty);
     return;
   }
-  const ts = pts.map((p) => p.t), ls = pts.map((p) => p.loss);
-  const tMin = Math.min(...ts), tMax = Math.max(...ts), lMin = Math.min(...ls), lMax = Math.max(...ls);
-  // Pad degenerate ranges (one point, flat loss) so the scale never divides by zero.
-  const t0 = tMin === tMax ? tMin - 1 : tMin, t1 = tMin === tMax ? tMax + 1 : tMax;
-  const pad = lMin === lMax ? (Math.abs(lMin) * 0.05 || 1) : (lMax - lMin) * 0.05;
-  const lo = lMin - pad, hi = lMax + pad;
-  const x = (t) => L + (t - t0) / (t1 - t0) * (W - L - R);
-  const y = (v) => T + (hi - v) / (hi - lo) * (H - T - B);
-  for (const v of lMin === lMax ? [lMax] : [lMax, lMin]) {
+  const xs = all.map((p) => p.x), ys = all.map((p) => p.y);
+  const xMin = Math.min(...xs), xMax = Math.max(...xs), yMin = Math.min(...ys), yMax = Math.max(...ys);
+  const x0 = xMin === xMax ? xMin - 1 : xMin, x1 = xMin === xMax ? xMax + 1 : xMax;
+  const pad = yMin === yMax ? (Math.abs(yMin) * 0.05 || 1) : (yMax - yMin) * 0.05;
+  const lo = yMin - pad, hi = yMax + pad;
+  const x = (v) => (L + (v - x0) / (x1 - x0) * (W - L - R)).toFixed(1);
+  const y = (v) => (T + (hi - v) / (hi - lo) * (H - T - B)).toFixed(1);
+  for (const v of yMin === yMax ? [yMax] : [yMax, yMin]) {
     svgEl(svg, "line", {x1: L, y1: y(v), x2: W - R, y2: y(v), class: "grid"});
-    svgEl(svg, "text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, v.toFixed(3));
+    svgEl(svg, "text", {x: L - 6, y: Number(y(v)) + 4, "text-anchor": "end"}, yFmt(v));
   }
-  svgEl(svg, "text", {x: L, y: H - 10, "text-anchor": "start"}, fmtClock(tMin));
-  svgEl(svg, "text", {x: W - R, y: H - 10, "text-anchor": "end"}, fmtClock(tMax));
-  svgEl(svg, "text", {x: (L + W - R) / 2, y: H - 10, "text-anchor": "middle"}, "swarm train loss over time");
-  svgEl(svg, "polyline", {class: "line", points: pts.map((p) => x(p.t).toFixed(1) + "," + y(p.loss).toFixed(1)).join(" ")});
-  for (const p of pts) {
-    const c = svgEl(svg, "circle", {class: "pt", cx: x(p.t).toFixed(1), cy: y(p.loss).toFixed(1), r: 3});
-    svgEl(c, "title", {}, "round " + str(p.round) + " \u00b7 loss " + p.loss.toFixed(4) + " \u00b7 " +
-          fmtInt(p.samples) + " samples \u00b7 " + fmtClock(p.t));
+  svgEl(svg, "text", {x: L, y: H - 10, "text-anchor": "start"}, xFmt(xMin));
+  svgEl(svg, "text", {x: W - R, y: H - 10, "text-anchor": "end"}, xFmt(xMax));
+  svgEl(svg, "text", {x: (L + W - R) / 2, y: H - 10, "text-anchor": "middle"}, xLabel);
+  for (const s of series) {
+    if (s.pts.length === 0) continue;
+    svgEl(svg, "polyline", {class: s.cls, points: s.pts.map((p) => x(p.x) + "," + y(p.y)).join(" ")});
+    if (!s.dots) continue;
+    for (const p of s.pts) {
+      const c = svgEl(svg, "circle", {class: s.cls + " pt", cx: x(p.x), cy: y(p.y), r: 3});
+      if (p.title) svgEl(c, "title", {}, p.title);
+    }
   }
+}
+
+// The loss plot's x axis: what a run organizer compares runs by (samples), or rounds, or time.
+const X_AXES = {
+  samples: {key: "samples", label: "samples trained on by the swarm", fmt: (v) => fmtSI(v, "")},
+  round: {key: "round", label: "round", fmt: (v) => fmtInt(v)},
+  time: {key: "t", label: "time", fmt: fmtClock},
+};
+
+// Exponential moving average with the bias at the start corrected (as TensorBoard's smoothing).
+function smooth(pts, alpha) {
+  let avg = 0, w = 0;
+  return pts.map((p) => { avg = alpha * avg + (1 - alpha) * p.y; w = alpha * w + (1 - alpha); return {x: p.x, y: avg / w}; });
+}
+
+let lastStatus = null;   // redrawn when the axis or the smoothing changes, without waiting for a poll
+
+function drawLoss(s) {
+  const axis = X_AXES[$("loss-x").value] || X_AXES.samples, alpha = Number($("loss-smooth").value);
+  $("loss-smooth-value").textContent = alpha.toFixed(2);
+  const train = (Array.isArray(s.loss_history) ? s.loss_history : [])
+    .filter((p) => p && isNum(p[axis.key]) && isNum(p.loss))
+    .map((p) => ({x: p[axis.key], y: p.loss, title: "round " + str(p.round) + " \u00b7 loss " + p.loss.toFixed(4) +
+                  " \u00b7 " + fmtInt(p.samples) + " samples \u00b7 " + fmtClock(p.t)}));
+  const val = (Array.isArray(s.val_history) ? s.val_history : [])
+    .filter((p) => p && isNum(p[axis.key]) && isNum(p.val_loss))
+    .map((p) => ({x: p[axis.key], y: p.val_loss, title: "round " + str(p.round) + " \u00b7 validation loss " +
+                  p.val_loss.toFixed(4) + " \u00b7 " + fmtInt(p.samples) + " samples"}));
+  const svg = $("loss-plot");
+  svg.setAttribute("data-points", String(train.length));
+  svg.setAttribute("data-val-points", String(val.length));
+  // Smoothed: the raw points stay, faint (their titles tell each poll's numbers).
+  const trainSeries = alpha > 0 ? [{cls: "raw", pts: train, dots: true}, {cls: "line", pts: smooth(train, alpha)}]
+    : [{cls: "line", pts: train, dots: true}];
+  drawChart(svg, [...trainSeries, {cls: "val", pts: val, dots: true}], {xFmt: axis.fmt, xLabel: axis.label, yFmt: (v) => v.toFixed(3), empty: "no loss reported yet"});
+}
+
+function drawThroughput(history) {
+  const pts = (Array.isArray(history) ? history : []).filter((p) => p && isNum(p.t));
+  const series = (key) => pts.filter((p) => isNum(p[key])).map((p) => ({x: p.t, y: p[key]}));
+  const tp = series("throughput"), peers = series("peers");
+  $("throughput-plot").setAttribute("data-points", String(tp.length));
+  drawChart($("throughput-plot"), [{cls: "line", pts: tp}], {xFmt: fmtClock, xLabel: "swarm samples/s over time",
+    yFmt: (v) => fmtFixed(v, 1), empty: "no throughput reported yet"});
+  drawChart($("peers-plot"), [{cls: "line", pts: peers}], {xFmt: fmtClock, xLabel: "live trainers over time",
+    yFmt: (v) => fmtFixed(v, 0), empty: "no peers seen yet"});
+}
+
+// The run's configuration as most trainers report it: [label, value] rows.
+function renderRunConfig(c, others) {
+  const rows = !c || typeof c !== "object" ? [] : [
+    ["model", fmtInt(c.params) + " parameters"],
+    ["sync every", [c.every_steps > 0 ? "H = " + fmtInt(c.every_steps) + " inner steps" : "",
+                    c.every_seconds > 0 ? "T = " + fmtFixed(c.every_seconds, 0) + " s" : ""].filter(Boolean).join(", or ")],
+    ["outer optimizer", (c.nesterov ? "Nesterov" : "SGD") + ", lr " + fmtFixed(c.outer_lr, 2) + ", momentum " +
+                        fmtFixed(c.outer_momentum, 2)],
+    ["wire codec", str(c.compression) + (c.fragments > 1 ? ", " + fmtInt(c.fragments) + " fragments (streaming)" : "") +
+                   (c.overlap ? ", overlapped with training" : "")],
+    ["aggregator", str(c.aggregator)],
+    ["group size", fmtInt(c.min_group_size) + " to " + fmtInt(c.max_group_size) + " peers"],
+  ];
+  fillTable("run-config", rows, ([k, v]) => [[k, "muted"], [v]]);
+  const warn = $("config-others");
+  warn.hidden = !(isNum(others) && others > 0);
+  warn.textContent = warn.hidden ? "" : fmtInt(others) + " trainer(s) report a different configuration: " +
+    "check that every peer was started with the run's flags.";
 }
 
 function renderStatus(s) {
@@ -118,7 +187,10 @@ function renderStatus(s) {
   stall.textContent = s.stalled ? "No round has completed for " + fmtDuration(s.stall_after_s) + " or more while " +
     fmtInt(s.peers_live) + " peer(s) train (" + fmtInt(s.failed_since_complete) + " round(s) failed since the last " +
     "complete one): the peers cannot reach each other, or are alone. Check `swarm-peer status` and the peers' logs." : "";
-  drawLoss(s.loss_history);
+  lastStatus = s;
+  drawLoss(s);
+  drawThroughput(s.loss_history);
+  renderRunConfig(s.run_config, s.config_others);
   renderEvents(s.events);
   const outcome = {complete: "ok", failed: "bad", partial: "warn"};
   const rounds = (Array.isArray(s.rounds) ? s.rounds : []).slice().reverse();   // newest first
@@ -181,5 +253,8 @@ async function refresh() {
   } finally {
     setTimeout(refresh, POLL_MS);   // after completion, so a slow server never piles up requests
   }
+}
+for (const id of ["loss-x", "loss-smooth"]) {
+  $(id).addEventListener("input", () => { if (lastStatus) drawLoss(lastStatus); });
 }
 refresh();

@@ -13,7 +13,7 @@ import pytest
 
 from averaging import MatchmakingConfig, SwarmDHT
 from averaging.errors import MatchmakingError
-from averaging.matchmaking import Candidate, Matchmaker
+from averaging.matchmaking import Candidate, Group, Matchmaker
 
 from .conftest import wait_for
 
@@ -33,6 +33,33 @@ class PartialView:
         return {pid: rec for pid, rec in (await self._dht.aget_signed(name)).items() if pid not in self._hidden}
 
 
+class Attempts:
+    """`form_group` for several matchmakers at once, each in a thread of its own."""
+
+    def __init__(self, mms: list[Matchmaker], expected: int) -> None:
+        self.mms, self.expected = mms, expected
+        self.groups: dict[int, Group] = {}
+        self.errors: dict[int, Exception] = {}
+        self.threads: list[threading.Thread] = []
+
+    def _run(self, i: int) -> None:
+        try:
+            self.groups[i] = self.mms[i].form_group(ROUND, FP, lambda: self.expected)
+        except Exception as e:  # noqa: BLE001 - reported by wait()
+            self.errors[i] = e
+
+    def start(self, i: int) -> None:
+        self.threads.append(threading.Thread(target=self._run, args=(i,), daemon=True))
+        self.threads[-1].start()
+
+    def wait(self) -> dict[int, Group]:
+        """Every attempt's group; fails if any attempt failed (or is still running after 60 s)."""
+        for t in self.threads:
+            t.join(timeout=60)
+        assert not self.errors and not any(t.is_alive() for t in self.threads), self.errors
+        return self.groups
+
+
 def _declared(dht: SwarmDHT, peer_id: str) -> bool:
     """Whether `peer_id` is a candidate for ROUND in `dht`'s view."""
     return Candidate.from_record(peer_id, dht.get_signed(f"mm.{FP}.{ROUND}").get(peer_id)) is not None
@@ -47,22 +74,12 @@ def test_a_peer_that_misses_the_earliest_candidate_is_redirected_into_its_group(
     cfg = MatchmakingConfig(window=20, join_timeout=5)
     views = [first, second, PartialView(third, {first.peer_id})]  # third never sees first's declaration
     mms = [Matchmaker(v, listen_host="127.0.0.1", announce_host="127.0.0.1", cfg=cfg) for v in views]  # type: ignore[arg-type]
-    groups, errors = {}, {}
-
-    def go(i: int) -> None:
-        try:
-            groups[i] = mms[i].form_group(ROUND, FP, lambda: 3)
-        except Exception as e:  # noqa: BLE001 - reported by the assertion below
-            errors[i] = e
-
-    threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in range(3)]
+    attempts = Attempts(mms, expected=3)
     try:
-        for i, t in enumerate(threads):  # each declares only once the one before it is visible
-            t.start()
+        for i in range(3):  # each declares only once the one before it is visible
+            attempts.start(i)
             wait_for(lambda: _declared(boot, dhts[i].peer_id), 20, f"peer {i}'s declaration")
-        for t in threads:
-            t.join(timeout=60)
-        assert not errors, errors
+        groups = attempts.wait()
         members = {groups[i].members for i in range(3)}
         assert len(members) == 1, members  # one group
         (group,) = members
@@ -91,20 +108,10 @@ def test_a_failed_attempt_does_not_lure_the_next_peers_into_its_dead_group():
         with pytest.raises(MatchmakingError, match="only 1 peer"):  # alone: its attempt fails
             mms[0].form_group(ROUND, FP, lambda: 1 + 1)
         withdrawn = not _declared(boot, dhts[0].peer_id)  # checked below, after what a user sees
-        groups, errors = {}, {}
-
-        def go(i: int) -> None:
-            try:
-                groups[i] = mms[i].form_group(ROUND, FP, lambda: 2)
-            except Exception as e:  # noqa: BLE001 - reported by the assertion below
-                errors[i] = e
-
-        threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in (1, 2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert not errors, errors
+        attempts = Attempts(mms, expected=2)
+        attempts.start(1)
+        attempts.start(2)
+        groups = attempts.wait()
         assert groups[1].members == groups[2].members and set(groups[1].members) == {dhts[1].peer_id, dhts[2].peer_id}
         assert withdrawn  # how: the failed attempt withdrew its declaration
     finally:

@@ -19,7 +19,10 @@ VALID = {
     "samples_per_s": 64.5, "compute_s": 120.0, "rounds_ok": 3, "rounds_failed": 1, "bytes_sent": 10_000_000,
     "bytes_recv": 10_000_000, "flops_per_sample": 1.5e9, "incarnation": "9f86d081884c7d65",
     "maddrs": ["/ip4/10.0.0.5/tcp/40000/p2p/QmWH2338V6q5FLN3NsMADqYNozuKPRhJvZSiHCtxj3NZkt"],
-    "catch_up_round": 0, "catch_up_digest": "",
+    "catch_up_round": 0, "catch_up_digest": "", "val_loss": 2.51, "val_round": 3,
+    "settings": {"params": 431_360, "every_steps": 50, "every_seconds": 0.0, "outer_lr": 0.7, "outer_momentum": 0.9,
+                 "nesterov": True, "compression": "fp32", "aggregator": "mean", "fragments": 1, "overlap": False,
+                 "min_group_size": 2, "max_group_size": 64},
     "recent": [{"round": 3, "status": "complete", "duration_s": 0.4, "bytes": 3_000_000, "members": 3, "t": 1_700_000_000.0}],
 }
 REQUIRED = list(VALID)

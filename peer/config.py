@@ -18,7 +18,7 @@ parses and checks its flags, and prints `--help`, before the heavy modules load.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Literal
 
 import multiaddr
@@ -174,15 +174,20 @@ class ModelConfig:
                              "implies arch 'hf'; the size fields are then unused")
     init_from: str = doc("", "a local from_pretrained folder every peer starts from (its config.json and weights); "
                              "implies arch 'hf' ('' = seeded random weights)")
-    preset: str = doc("", "a named size that sets the architecture and its sizes: "
+    preset: str = doc("", "a named size that sets the architecture and the sizes left at their defaults: "
                           + ", ".join(f"{k} ({v['about']})" for k, v in MODEL_PRESETS.items()) + "; '' = the fields")
 
     def __post_init__(self) -> None:
         if self.preset:
             if self.preset not in MODEL_PRESETS:
                 raise ValueError(f"unknown model.preset {self.preset!r} (choose {', '.join(MODEL_PRESETS)})")
+            # The preset fills the fields left at their defaults; a field set to something else
+            # wins (`--model.preset llama-10M --model.block-size 256` trains 256-token windows:
+            # the preset used to override it silently, and the Hugging Face benchmark's peers
+            # ran 512-token windows against the plain loop's 256).
+            defaults = {f.name: f.default for f in fields(self)}
             for name, value in MODEL_PRESETS[self.preset].items():
-                if name != "about":
+                if name != "about" and getattr(self, name) == defaults[name]:
                     setattr(self, name, value)
         if self.hf_config or self.init_from:
             if self.hf_config and self.init_from:

@@ -235,6 +235,19 @@ def test_windows_are_disjoint_between_peers_and_cover_the_data_every_epoch():
         WindowSampler(arrays, block_size=T, batch_size=100, shard=(0, 3), seed=0)
 
 
+def test_a_preset_fills_only_the_sizes_left_at_their_defaults():
+    """`--model.preset llama-10M --model.block-size 256` trains 256-token windows. The preset
+    used to override the flag silently (the Hugging Face benchmark's peers then trained 512-token
+    windows against the plain loop's 256)."""
+    from peer import cli
+
+    base = ["--model.preset", "llama-10M", "--model.vocab-size", "8192"]
+    assert cli.parse(base).model.block_size == 512  # the preset's own
+    m = cli.parse(base + ["--model.block-size", "256", "--model.n-layer", "4"]).model
+    assert (m.block_size, m.n_layer, m.n_embd, m.arch) == (256, 4, 384, "llama")
+    assert build_model(m).hf.config.num_hidden_layers == 4
+
+
 def test_llama_weights_are_identical_for_one_seed_and_differ_for_another():
     cfg = ModelConfig(preset="llama-tiny", vocab_size=300)
     a, b, c = (flatten_params(build_model(cfg, seed=s).parameters()) for s in (4, 4, 5))

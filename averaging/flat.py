@@ -22,10 +22,14 @@ def schema_fingerprint(schema: list[tuple[str, tuple[int, ...], str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def schema_numel(schema: list[tuple[str, tuple[int, ...], str]]) -> int:
+    """The number of parameters the schema describes."""
+    return sum(int(torch.Size(s).numel()) for _, s, _ in schema)
+
+
 def describe_schema(schema: list[tuple[str, tuple[int, ...], str]]) -> str:
     """A one-line human summary, e.g. '14 tensors, 431,360 parameters'."""
-    total = sum(int(torch.Size(s).numel()) for _, s, _ in schema)
-    return f"{len(schema)} tensors, {total:,} parameters"
+    return f"{len(schema)} tensors, {schema_numel(schema):,} parameters"
 
 
 def flatten_params(params: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -31,7 +31,7 @@ from averaging.averager import Averager
 from averaging.dht import SwarmDHT
 from averaging.errors import AccessError, ModelMismatchError, StateError
 from averaging.faults import Tamper
-from averaging.flat import describe_schema, parameter_schema, schema_fingerprint
+from averaging.flat import describe_schema, parameter_schema, schema_fingerprint, schema_numel
 from averaging.identity import ensure_identity, load_identity, short_id
 from averaging.memory import steady_malloc
 
@@ -362,7 +362,7 @@ class Peer:
             device=self.device.type, version=VERSION, incarnation=self.incarnation, maddrs=self._maddrs,
             catch_up_round=r.catch_up[0], catch_up_digest=r.catch_up[1],
             val_round=r.last_val[0] if r.last_val else 0, val_loss=r.last_val[1] if r.last_val else None,
-            settings=RunSettings.of(self.config.sync, params=sum(int(torch.Size(s).numel()) for _, s, _ in self.schema)),
+            settings=RunSettings.of(self.config.sync, params=schema_numel(self.schema)),
         )
 
     def _check_compatible(self) -> None:

@@ -12,7 +12,8 @@ from .lazy import lazy_exports
 _WHERE = {
     "RoundResult": "allreduce", "weighted_allreduce": "allreduce",
     "Averager": "averager",
-    "AveragerConfig": "config", "MatchmakingConfig": "config", "OuterConfig": "config",
+    "AggregatorConfig": "config", "AllReduceConfig": "config", "AveragerConfig": "config", "CodecConfig": "config",
+    "MatchmakingConfig": "config", "OuterConfig": "config",
     "SwarmDHT": "dht",
     "AccessError": "errors", "AllReduceError": "errors", "AveragingError": "errors", "MatchmakingError": "errors", "ModelMismatchError": "errors",
     "NetworkError": "errors", "StateError": "errors", "StateMovedError": "errors", "SwarmError": "errors",

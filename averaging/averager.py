@@ -62,7 +62,7 @@ class Averager:
 
     def compression_of(self, stream: int) -> Compression:
         if stream not in self._compressions:
-            self._compressions[stream] = Compression.named(self.cfg.codec, self.cfg.ef_decay)
+            self._compressions[stream] = Compression.named(self.cfg.codec.name, self.cfg.codec.error_feedback_decay)
         return self._compressions[stream]
 
     async def average_async(
@@ -140,7 +140,7 @@ class Averager:
     def _reduce(self, group: Group, delta: torch.Tensor, weight: float, out: torch.Tensor | None = None,
                 comp: Compression | None = None) -> RoundResult:
         """The all-reduce of a formed group (blocking: gloo collectives and store waits)."""
-        timeout = self.cfg.allreduce_timeout
+        timeout = self.cfg.allreduce.timeout
         need = self.cfg.aggregator.min_members
         if not group.is_client and group.size < need:
             # A leader with other settings (or other code) formed a group too small for our
@@ -169,11 +169,11 @@ class Averager:
         cap = max(2, self.cfg.matchmaking.max_group_size)  # a "subgroup" of 1 would average nothing
         if group.size > cap:  # more peers than one group holds: subgroups, combined exactly
             return hierarchical_allreduce(group, delta, weight, cap=cap, host=self.cfg.announce_host,
-                                          timeout_s=self.cfg.allreduce_timeout, codec=comp,
-                                          aggregator=self.cfg.aggregator, trusted=self.cfg.trusted, tamper=self.tamper,
+                                          timeout_s=self.cfg.allreduce.timeout, codec=comp,
+                                          aggregator=self.cfg.aggregator, trusted=self.cfg.allreduce.trusted, tamper=self.tamper,
                                           secret=self.cfg.secret)
-        return weighted_allreduce(group, delta, weight, host=self.cfg.announce_host, timeout_s=self.cfg.allreduce_timeout,
-                                  codec=comp, aggregator=self.cfg.aggregator, trusted=self.cfg.trusted,
+        return weighted_allreduce(group, delta, weight, host=self.cfg.announce_host, timeout_s=self.cfg.allreduce.timeout,
+                                  codec=comp, aggregator=self.cfg.aggregator, trusted=self.cfg.allreduce.trusted,
                                   tamper=self.tamper, secret=self.cfg.secret, out=out)
 
     def _strike(self, result: RoundResult) -> None:
@@ -185,7 +185,7 @@ class Averager:
         """Count one offence by `pid` (a rejected contribution, a state claim no download backed);
         `ban_after` strikes and it is banned: never grouped with again in this run."""
         self.strikes[pid] += 1
-        if self.strikes[pid] >= self.cfg.ban_after and pid not in self.banned:
+        if self.strikes[pid] >= self.cfg.allreduce.ban_after and pid not in self.banned:
             self.banned.add(pid)
             log.warning("banned peer %s for the rest of the run: %d strikes (last: %s)", short_id(pid), self.strikes[pid], why)
 

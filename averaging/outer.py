@@ -42,7 +42,9 @@ def outer_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pure outer step (the reference). Returns (new θ_sync, new momentum buffer); inputs are
     not modified. theta_sync, delta: flat fp32 [P]. momentum_buf: [P] or None (first step / μ = 0).
-    `step`: the index of this outer step, for the momentum warm-up (None: full momentum)."""
+    `step`: the index of this outer step, for the momentum warm-up (None: full momentum).
+    A None lr or momentum in `cfg` is DiLoCo's (OuterConfig.resolved)."""
+    cfg = cfg.resolved()
     if theta_sync.shape != delta.shape:
         raise ValueError(f"shape mismatch: theta {tuple(theta_sync.shape)} vs delta {tuple(delta.shape)}")
     if cfg.momentum == 0:
@@ -60,6 +62,7 @@ def outer_step_(theta_sync: torch.Tensor, delta: torch.Tensor, momentum_buf: tor
     """`outer_step` in place: θ_sync and momentum_buf are updated; `delta` is used as scratch
     for the update (clobbered). `first`: momentum_buf holds nothing yet (b₁ = Δ̄₁).
     Bit-identical to `outer_step` (the same operations, in the same order)."""
+    cfg = cfg.resolved()
     mu = cfg.momentum_at(step)
     if theta_sync.shape != delta.shape:
         raise ValueError(f"shape mismatch: theta {tuple(theta_sync.shape)} vs delta {tuple(delta.shape)}")
@@ -96,7 +99,7 @@ class OuterOptimizer:
     """
 
     def __init__(self, theta_sync: torch.Tensor, cfg: OuterConfig, *, pin: bool = False) -> None:
-        self.cfg = cfg
+        self.cfg = cfg.resolved()  # (a peer's is resolved for its codec already: SyncConfig)
         self.pin = pin
         self.theta_sync = host_buffer(theta_sync.numel(), pin=pin)
         self.theta_sync.copy_(theta_sync.detach().reshape(-1))

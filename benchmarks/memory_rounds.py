@@ -46,7 +46,7 @@ def main() -> None:
             model.load_state_dict(init)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3)
             cfg = PeerConfig(swarm=SwarmConfig(run_id="memory-bench", initial_peers=boot.visible_maddrs(), host="127.0.0.1"),
-                             sync=SyncConfig(every_steps=1, matchmaking_window=20, allreduce_timeout=120))
+                             sync=SyncConfig(every_steps=1, matchmaking={"window": 20}, allreduce={"timeout": 120}))
             with Peer(model, opt, cfg) as peer:
                 while peer.round < args.rounds and peer.local_step < 4 * args.rounds:
                     x = torch.randn(4, 1024)

@@ -1,25 +1,29 @@
 """`swarm-bootstrap`: run an entry node for a swarm. Thin: parse, build, run, close."""
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import threading
 
-from peer import configlib
+from peer import settings
 from peer.cmdline import OneLineParser, interruptible
 
 from .config import BootstrapConfig
 
+#: SWARMTRAIN_BOOTSTRAP_PORT=31337 is --port 31337.
+ENV_PREFIX = settings.ENV_PREFIX + "BOOTSTRAP_"
+
 
 def parse(argv: list[str] | None) -> BootstrapConfig:
-    p = OneLineParser(prog="swarm-bootstrap", description="Run a swarmtrain bootstrap node.", allow_abbrev=False,
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="TOML file with these same keys (flags override it)")
-    configlib.add_arguments(p, BootstrapConfig)
-    ns = p.parse_args(argv)
-    return configlib.load(BootstrapConfig, path=ns.config, cli_overrides=configlib.overrides_from_namespace(ns, BootstrapConfig))
+    """The node's config from --config's TOML < SWARMTRAIN_BOOTSTRAP_* variables < flags."""
+    p = OneLineParser(prog="swarm-bootstrap", allow_abbrev=False, description="Run a swarmtrain bootstrap node. "
+                      "Every flag can also be set in the --config file or as SWARMTRAIN_BOOTSTRAP_KEY.")
+    p.add_argument("--config", help="TOML file with these same keys (variables and flags override it)")
+    flags = settings.Flags(p, BootstrapConfig)
+    ns = flags.parse(sys.argv[1:] if argv is None else argv)
+    return settings.load(BootstrapConfig, path=ns.config, flags=flags.values(ns), env_prefix=ENV_PREFIX,
+                         note=lambda msg: print(f"swarm-bootstrap: note: {msg}", file=sys.stderr))
 
 
 def keygen(argv: list[str]) -> int:
@@ -68,7 +72,7 @@ def _main(argv: list[str]) -> int:
     logging.getLogger("hivemind").setLevel(logging.WARNING)
     try:
         cfg = parse(argv)
-    except (configlib.ConfigError, ValueError) as e:
+    except ValueError as e:  # ConfigError, one line
         print(f"swarm-bootstrap: error: {e}", file=sys.stderr)
         return 2
     stop = threading.Event()

@@ -5,33 +5,35 @@ Free of torch and hivemind imports, so the command line is parsed and checked, a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from averaging.config import SETTINGS
 from peer.config import validate_multiaddr
-from peer.configlib import doc
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SETTINGS)
 class BootstrapConfig:
-    identity: str = doc("bootstrap.key", "private key file; created on first start, reused after (keeps the address)")
-    host: str = doc("0.0.0.0", "IP address to listen on")
-    port: int = doc(31337, "TCP port to listen on (keep it fixed so the address stays the same; 0 = any)")
-    announce_host: str = doc("", "public IP address to advertise, if different from the listen address")
-    run_id: str = doc("swarmtrain-demo", "run to watch and to put in the printed join command")
-    initial_peers: list[str] = doc([], "other bootstrap nodes or peers of the same swarm (optional)")
-    monitor_every: float = doc(10.0, "seconds between status lines (0 = no status lines)")
-    maddrs_file: str = doc("", "also write this node's multiaddrs to this file, one per line")
-    checkpoint_dir: str = doc("", "archivist mode: keep the swarm's state here and serve it ('' = off)")
-    keep_last: int = doc(5, "archivist: number of newest checkpoints to keep (0 = all)")
-    archive_every: float = doc(5.0, "archivist: seconds between checks for a newer swarm state")
-    dashboard: int = doc(-1, "serve the web dashboard, JSON API and /metrics on this port (0 = any free port, -1 = off)")
-    dashboard_host: str = doc("", "address the dashboard listens on ('' = same as host)")
-    ledger: str = doc("auto", "contribution ledger file, kept across restarts, CSV export beside it "
+    identity: str = Field("bootstrap.key", description="private key file; created on first start, reused after (keeps the address)")
+    host: str = Field("0.0.0.0", description="IP address to listen on")
+    port: int = Field(31337, description="TCP port to listen on (keep it fixed so the address stays the same; 0 = any)")
+    announce_host: str = Field("", description="public IP address to advertise, if different from the listen address")
+    run_id: str = Field("swarmtrain-demo", description="run to watch and to put in the printed join command")
+    initial_peers: list[str] = Field(default_factory=list, description="other bootstrap nodes or peers of the same swarm (optional)")
+    monitor_every: float = Field(10.0, description="seconds between status lines (0 = no status lines)")
+    maddrs_file: str = Field("", description="also write this node's multiaddrs to this file, one per line")
+    checkpoint_dir: str = Field("", description="archivist mode: keep the swarm's state here and serve it ('' = off)")
+    keep_last: int = Field(5, description="archivist: number of newest checkpoints to keep (0 = all)")
+    archive_every: float = Field(5.0, description="archivist: seconds between checks for a newer swarm state")
+    dashboard: int = Field(-1, description="serve the web dashboard, JSON API and /metrics on this port (0 = any free port, -1 = off)")
+    dashboard_host: str = Field("", description="address the dashboard listens on ('' = same as host)")
+    ledger: str = Field("auto", description="contribution ledger file, kept across restarts, CSV export beside it "
                               "('auto' = beside the identity file: bootstrap.key gives bootstrap.ledger.json; '' = memory only)")
-    poll_every: float = doc(2.0, "seconds between reads of the peers' records (dashboard, ledger)")
-    secret_file: str = doc("", "private run: file with the run's shared secret ('' = open run; create with `keygen`)")
-    allowlist_file: str = doc("", "private run: file of the peer ids allowed to take part, one per line ('' = none); "
+    poll_every: float = Field(2.0, description="seconds between reads of the peers' records (dashboard, ledger)")
+    secret_file: str = Field("", description="private run: file with the run's shared secret ('' = open run; create with `keygen`)")
+    allowlist_file: str = Field("", description="private run: file of the peer ids allowed to take part, one per line ('' = none); "
                                   "the node itself need not be listed: it only checks and stores others' records")
 
     def __post_init__(self) -> None:

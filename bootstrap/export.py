@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from averaging.errors import ConfigError
 from peer.cmdline import OneLineParser
 from peer.config import ModelConfig
-from peer.configlib import ConfigError
+from peer.settings import CLI_SOURCE, Flags, validate
 
 
 def gpt_to_gpt2(model: torch.nn.Module) -> torch.nn.Module:
@@ -98,29 +99,27 @@ def _export_gpt(model: torch.nn.Module, out: str | Path, tokenizer: str | Path |
     return export_pretrained(wrapped, flatten_params(wrapped.parameters()), out, tokenizer_file=tokenizer)
 
 
-def parser() -> argparse.ArgumentParser:
-    from peer import configlib
+def parser() -> tuple[argparse.ArgumentParser, Flags]:
+    """The parser, and its --model.* flags (those of ModelConfig)."""
 
     p = OneLineParser(prog="swarm-bootstrap export", allow_abbrev=False,
                       description="Write the swarm's model (from a checkpoint) as a Hugging Face folder that "
                                   "AutoModelForCausalLM.from_pretrained loads.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      )
     p.add_argument("--checkpoint", required=True, help="a checkpoint file, or a folder (its newest checkpoint)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     p.add_argument("--tokenizer", help="tokenizer.json to put beside the model (e.g. the shard folder's)")
-    configlib.add_arguments(p, ModelConfig, prefix="model")
-    return p
+    return p, Flags(p, ModelConfig, prefix="model")
 
 
 def main(argv: list[str]) -> int:
-    from peer import configlib
-
-    ns = parser().parse_args(argv)
-    overrides = configlib.overrides_from_namespace(ns, ModelConfig, prefix="model")
+    p, flags = parser()
+    ns = flags.parse(argv)
+    given = flags.values(ns).get("model")
     from averaging.errors import SwarmError
 
     try:
-        model_cfg = configlib.build(ModelConfig, overrides, source="flags") if overrides else None
+        model_cfg = validate(ModelConfig, given, sources=[(CLI_SOURCE, given)]) if given else None
         out, rnd = export(ns.checkpoint, ns.out, model_cfg=model_cfg, tokenizer=ns.tokenizer)
     except (ConfigError, SwarmError, ValueError, OSError) as e:
         print(f"swarm-bootstrap export: error: {e}", file=sys.stderr)

@@ -11,6 +11,9 @@ _WHERE = {
     "Peer": "api", "AsyncPeer": "aio", "PeerStats": "stats", "RoundCost": "stats",
     "CheckpointConfig": "config", "PeerConfig": "config", "RunConfig": "config", "SwarmConfig": "config",
     "SyncConfig": "config", "TrainConfig": "config",
+    # the [sync.*] sections, defined in averaging/config.py
+    "AggregatorConfig": "config", "AllReduceConfig": "config", "CodecConfig": "config", "MatchmakingConfig": "config",
+    "OuterConfig": "config",
 }
 __all__ = sorted(_WHERE)
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -1,7 +1,6 @@
 """`swarm-peer`: join a run and train. Thin: parse, build, run, close."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import signal
@@ -9,35 +8,37 @@ import sys
 import threading
 import time
 
-from . import configlib
+from . import settings
 from .cmdline import OneLineParser, interruptible  # noqa: F401  (re-exported: bootstrap's CLI uses them)
 from .config import RunConfig
 from .progress import configure_logging
 
 
 def parse(argv: list[str] | None) -> RunConfig:
+    """The run config from --config's TOML < SWARMTRAIN_* variables < flags (peer/settings.py)."""
     p = OneLineParser(prog="swarm-peer", description="Join a swarmtrain run and train. "
                       "(`swarm-peer status --join ADDR` shows a running swarm instead; "
-                      "`swarm-peer prepare TEXT --out DIR` writes token shards.)", allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="TOML run config (flags override it)")
+                      "`swarm-peer prepare TEXT --out DIR` writes token shards.) Every --section.key flag can "
+                      "also be set in the --config file or as SWARMTRAIN_SECTION__KEY.", allow_abbrev=False)
+    p.add_argument("--config", help="TOML run config (variables and flags override it)")
     p.add_argument("--join", action="append", default=[], metavar="MULTIADDR",
                    help="address of any live peer or bootstrap node (repeatable); same as --swarm.initial-peers")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint.dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     p.add_argument("--log-format", choices=["auto", "rich", "text", "json"], help="same as --log.format")
-    configlib.add_arguments(p, RunConfig)
-    ns = p.parse_args(argv)
-    overrides = configlib.overrides_from_namespace(ns, RunConfig)
+    flags = settings.Flags(p, RunConfig)
+    ns = flags.parse(sys.argv[1:] if argv is None else argv)
+    given = flags.values(ns)
     if ns.join:
-        overrides.setdefault("swarm", {})["initial_peers"] = ",".join(ns.join)
+        given.setdefault("swarm", {})["initial_peers"] = ns.join
     if ns.resume:
-        overrides.setdefault("checkpoint", {})["resume"] = True
+        given.setdefault("checkpoint", {})["resume"] = True
     if ns.log_format:
-        overrides.setdefault("log", {})["format"] = ns.log_format
-    cfg = configlib.load(RunConfig, path=ns.config, cli_overrides=overrides)
+        given.setdefault("log", {})["format"] = ns.log_format
+    cfg = settings.load(RunConfig, path=ns.config, flags=given,
+                        note=lambda msg: print(f"swarm-peer: note: {msg}", file=sys.stderr))
     if ns.print_config:
-        print(configlib.dump_toml(cfg))
+        print(settings.dump_toml(cfg))
         sys.exit(0)
     return cfg
 
@@ -54,7 +55,7 @@ def _main(argv: list[str]) -> int:
         return prepare_main(argv[1:])
     try:
         cfg = parse(argv)
-    except (configlib.ConfigError, ValueError) as e:
+    except ValueError as e:  # ConfigError, one line
         print(f"swarm-peer: error: {e}", file=sys.stderr)
         return 2
     configure_logging(cfg.log.format)

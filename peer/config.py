@@ -1,7 +1,9 @@
 """Run configuration: one dataclass per component, loaded from TOML and overridden by flags.
 
     [swarm]       how to reach the swarm          SwarmConfig
-    [sync]        when and how to average         SyncConfig
+    [sync]        when and how to average         SyncConfig, and its sections
+                  [sync.outer] [sync.matchmaking] [sync.allreduce] [sync.codec] [sync.aggregator]
+                  (averaging/config.py)
     [checkpoint]  what to keep on disk            CheckpointConfig
     [train]       the CLI trainer's inner loop    TrainConfig
     [model]       the embedded byte-level GPT     ModelConfig
@@ -9,8 +11,9 @@
     [log]         progress display and trackers   peer.progress.LogConfig
 
 `PeerConfig` (swarm + sync + checkpoint) is what the Python API needs; `RunConfig` adds
-what `swarm-peer` needs to train the embedded model. Every invalid value raises a
-ValueError naming the field; `configlib.load` turns it into a one-line ConfigError.
+what `swarm-peer` needs to train the embedded model. The classes are pydantic dataclasses:
+a value of the wrong type, or a broken rule, raises pydantic's ValidationError (a ValueError)
+naming the field; `settings.load` turns it into a one-line ConfigError.
 
 This module imports neither torch nor hivemind (only other config modules): `swarm-peer`
 parses and checks its flags, and prints `--help`, before the heavy modules load.
@@ -18,14 +21,23 @@ parses and checks its flags, and prints `--help`, before the heavy modules load.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Literal
 
 import multiaddr
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
-from averaging.config import CODECS, AggregatorConfig, AveragerConfig, MatchmakingConfig, OuterConfig, check_group_sizes
+from averaging.config import (
+    SETTINGS,
+    AggregatorConfig,
+    AllReduceConfig,
+    AveragerConfig,
+    CodecConfig,
+    MatchmakingConfig,
+    OuterConfig,
+    check_group_sizes,
+)
 
-from .configlib import doc
 from .progress import LogConfig
 
 if TYPE_CHECKING:
@@ -58,11 +70,6 @@ _TOKEN_DTYPES = ("uint8", "uint16", "uint32")
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
-def _is_int(value: object) -> bool:
-    # bool is a subclass of int; `batch_size = true` in a config is a mistake.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def parse_shard(spec: str) -> tuple[int, int] | None:
     """Parse a shard spec: "auto" -> None, "i/n" -> (i, n) with 0 <= i < n."""
     if not isinstance(spec, str):
@@ -78,30 +85,26 @@ def parse_shard(spec: str) -> tuple[int, int] | None:
     return i, n
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SETTINGS)
 class DataConfig:
     """Where the training tokens come from and how this peer samples them."""
 
-    source: str = doc("stdlib", 'Corpus kind: "stdlib" (Python\'s own sources), "text" (user files), "tokens" (one token '
+    source: str = Field("stdlib", description='Corpus kind: "stdlib" (Python\'s own sources), "text" (user files), "tokens" (one token '
                                 'file) or "shards" (a folder written by `swarm-peer prepare`).')
-    paths: list[str] = doc([], '"text": files and/or directories (walked recursively); "tokens": exactly one file; '
+    paths: list[str] = Field(default_factory=list, description='"text": files and/or directories (walked recursively); "tokens": exactly one file; '
                                '"shards": exactly one folder.')
-    token_dtype: str = doc("uint16", 'Element type of a raw (non-.npy) token file: "uint8", "uint16" or "uint32".')
-    batch_size: int = doc(16, 'Sequences per training batch on this peer.')
-    val_fraction: float = doc(0.05, 'Fraction of the corpus held out for validation, 0 < f < 0.5.')
-    shard: str = doc("auto", '"auto" (sample the whole corpus with a per-peer seed) or "i/n" (only chunk i of n).')
-    max_bytes: int = doc(8_000_000, 'Cap on corpus bytes for "stdlib"/"text" so loading stays fast; 0 = no cap.')
+    token_dtype: str = Field("uint16", description='Element type of a raw (non-.npy) token file: "uint8", "uint16" or "uint32".')
+    batch_size: int = Field(16, description='Sequences per training batch on this peer.')
+    val_fraction: float = Field(0.05, description='Fraction of the corpus held out for validation, 0 < f < 0.5.')
+    shard: str = Field("auto", description='"auto" (sample the whole corpus with a per-peer seed) or "i/n" (only chunk i of n).')
+    max_bytes: int = Field(8_000_000, description='Cap on corpus bytes for "stdlib"/"text" so loading stays fast; 0 = no cap.')
 
     def __post_init__(self) -> None:
         if self.source not in _SOURCES:
             raise ValueError(f"data.source must be one of {', '.join(_SOURCES)}, got {self.source!r}")
-        # A bare string would otherwise be iterated character by character.
-        if isinstance(self.paths, (str, bytes)) or not isinstance(self.paths, (list, tuple)):
-            raise ValueError(f"data.paths must be a list of strings, got {self.paths!r}")
-        self.paths = list(self.paths)
-        for p in self.paths:
-            if not isinstance(p, str) or not p:
-                raise ValueError(f"data.paths entries must be non-empty strings, got {p!r}")
+        # (pydantic has checked every type: paths is a list of str, batch_size an int, ...)
+        if not all(self.paths):
+            raise ValueError(f"data.paths entries must be non-empty strings, got {self.paths!r}")
         if self.source == "text" and not self.paths:
             raise ValueError("data.paths must name at least one file when data.source is 'text'")
         if self.source in ("tokens", "shards") and len(self.paths) != 1:
@@ -115,23 +118,18 @@ class DataConfig:
             raise ValueError(
                 f"data.token_dtype must be one of {', '.join(_TOKEN_DTYPES)}, got {self.token_dtype!r}"
             )
-        if not _is_int(self.batch_size) or self.batch_size <= 0:
+        if self.batch_size <= 0:
             raise ValueError(f"data.batch_size must be a positive integer, got {self.batch_size!r}")
-        if (
-            isinstance(self.val_fraction, bool)
-            or not isinstance(self.val_fraction, (int, float))
-            or not 0.0 < self.val_fraction < 0.5
-        ):
+        if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
         parse_shard(self.shard)  # raises ValueError naming data.shard
-        if not _is_int(self.max_bytes) or self.max_bytes < 0:
+        if self.max_bytes < 0:
             raise ValueError(f"data.max_bytes must be a non-negative integer, got {self.max_bytes!r}")
 
 
 # ---------------------------------------------------------------- [model]
-def _check_positive_int(name: str, value: object) -> None:
-    # bool is a subclass of int; `n_layer = true` in a config file is a mistake.
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def _check_positive_int(name: str, value: int) -> None:
+    if value <= 0:
         raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
 
 
@@ -156,25 +154,25 @@ MODEL_PRESETS: dict[str, dict] = {
 _ARCHS = ("gpt", "llama", "hf")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SETTINGS)
 class ModelConfig:
     """Shape of the model. All peers in a swarm must use the same config."""
 
-    vocab_size: int = doc(256, 'Number of distinct tokens; 256 for raw bytes.')
-    block_size: int = doc(64, 'Maximum context length T (positions in the learned position embedding).')
-    n_layer: int = doc(2, 'Number of transformer blocks.')
-    n_head: int = doc(4, 'Number of attention heads per block; must divide n_embd.')
-    n_embd: int = doc(128, 'Width of the residual stream C.')
-    dropout: float = doc(0.0, 'Dropout probability used during training (0 disables dropout).')
-    arch: str = doc("gpt", '"gpt": the embedded byte-level GPT; "llama": a Hugging Face transformers Llama of these '
+    vocab_size: int = Field(256, description='Number of distinct tokens; 256 for raw bytes.')
+    block_size: int = Field(64, description='Maximum context length T (positions in the learned position embedding).')
+    n_layer: int = Field(2, description='Number of transformer blocks.')
+    n_head: int = Field(4, description='Number of attention heads per block; must divide n_embd.')
+    n_embd: int = Field(128, description='Width of the residual stream C.')
+    dropout: float = Field(0.0, description='Dropout probability used during training (0 disables dropout).')
+    arch: str = Field("gpt", description='"gpt": the embedded byte-level GPT; "llama": a Hugging Face transformers Llama of these '
                            'sizes; "hf": the causal LM that hf_config or init_from describes (pip install "swarmtrain[hf]")')
-    intermediate_size: int = doc(0, "llama: width of the MLP (0 = 8/3·n_embd, rounded up to a multiple of 64)")
-    n_kv_head: int = doc(0, "llama: key/value heads, grouped-query attention (0 = n_head)")
-    hf_config: str = doc("", "a transformers config.json (Llama, GPT-2, any causal LM) to build the model from; "
+    intermediate_size: int = Field(0, description="llama: width of the MLP (0 = 8/3·n_embd, rounded up to a multiple of 64)")
+    n_kv_head: int = Field(0, description="llama: key/value heads, grouped-query attention (0 = n_head)")
+    hf_config: str = Field("", description="a transformers config.json (Llama, GPT-2, any causal LM) to build the model from; "
                              "implies arch 'hf'; the size fields are then unused")
-    init_from: str = doc("", "a local from_pretrained folder every peer starts from (its config.json and weights); "
+    init_from: str = Field("", description="a local from_pretrained folder every peer starts from (its config.json and weights); "
                              "implies arch 'hf' ('' = seeded random weights)")
-    preset: str = doc("", "a named size that sets the architecture and the sizes left at their defaults: "
+    preset: str = Field("", description="a named size that sets the architecture and the sizes left at their defaults: "
                           + ", ".join(f"{k} ({v['about']})" for k, v in MODEL_PRESETS.items()) + "; '' = the fields")
 
     def __post_init__(self) -> None:
@@ -185,7 +183,7 @@ class ModelConfig:
             # wins (`--model.preset llama-10M --model.block-size 256` trains 256-token windows:
             # the preset used to override it silently, and the Hugging Face benchmark's peers
             # ran 512-token windows against the plain loop's 256).
-            defaults = {f.name: f.default for f in fields(self)}
+            defaults = {name: f.default for name, f in type(self).__pydantic_fields__.items()}
             for name, value in MODEL_PRESETS[self.preset].items():
                 if name != "about" and getattr(self, name) == defaults[name]:
                     setattr(self, name, value)
@@ -201,7 +199,7 @@ class ModelConfig:
             _check_positive_int(name, getattr(self, name))
         for name in ("intermediate_size", "n_kv_head"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if value < 0:
                 raise ValueError(f"model.{name} must be a non-negative integer (0 = derived), got {value!r}")
         if self.n_kv_head and self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
@@ -209,30 +207,26 @@ class ModelConfig:
             raise ValueError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
             )
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not 0.0 <= self.dropout < 1.0
-        ):
+        if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
 
 
 # ---------------------------------------------------------------- [swarm]
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SETTINGS)
 class SwarmConfig:
-    run_id: str = doc("swarmtrain-demo", "name of the training run; peers of different runs never meet")
-    initial_peers: list[str] = doc([], "multiaddrs of any live peers or bootstrap nodes to join through")
-    host: str = doc("0.0.0.0", "IP address to listen on")
-    port: int = doc(0, "TCP port for the DHT (0 = any free port)")
-    announce_host: str = doc("", "IP address other peers use to reach this one ('' = detect)")
-    client_mode: bool = doc(False, "behind NAT: open no listening socket; average through the group leader (costs the leader bandwidth)")
-    identity_path: str = doc("", "file with this peer's private key, for a stable peer id ('' = new id each start)")
-    secret_file: str = doc("", "private run: file with the run's shared secret ('' = open run; see docs/security.md)")
-    allowlist_file: str = doc("", "private run: file of the peer ids allowed to take part, one per line; needs identity_path "
+    run_id: str = Field("swarmtrain-demo", description="name of the training run; peers of different runs never meet")
+    initial_peers: list[str] = Field(default_factory=list, description="multiaddrs of any live peers or bootstrap nodes to join through")
+    host: str = Field("0.0.0.0", description="IP address to listen on")
+    port: int = Field(0, description="TCP port for the DHT (0 = any free port)")
+    announce_host: str = Field("", description="IP address other peers use to reach this one ('' = detect)")
+    client_mode: bool = Field(False, description="behind NAT: open no listening socket; average through the group leader (costs the leader bandwidth)")
+    identity_path: str = Field("", description="file with this peer's private key, for a stable peer id ('' = new id each start)")
+    secret_file: str = Field("", description="private run: file with the run's shared secret ('' = open run; see docs/security.md)")
+    allowlist_file: str = Field("", description="private run: file of the peer ids allowed to take part, one per line; needs identity_path "
                                   "('' = no allowlist; see docs/security.md)")
-    startup_timeout: float = doc(30.0, "seconds to wait for the DHT to start and reach the initial peers")
-    announce_period: float = doc(2.0, "seconds between refreshes of this peer's record in the DHT")
-    peer_ttl: float = doc(10.0, "seconds after its last refresh before a silent peer is considered gone")
+    startup_timeout: float = Field(30.0, description="seconds to wait for the DHT to start and reach the initial peers")
+    announce_period: float = Field(2.0, description="seconds between refreshes of this peer's record in the DHT")
+    peer_ttl: float = Field(10.0, description="seconds after its last refresh before a silent peer is considered gone")
 
     def __post_init__(self) -> None:
         if not _RUN_ID_RE.match(self.run_id):
@@ -262,74 +256,43 @@ class SwarmConfig:
 DEFAULT_EVERY_SECONDS = 10.0
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SETTINGS)
 class SyncConfig:
-    every_steps: int = doc(0, "H: average after this many inner steps (0 = time-based only)")
-    every_seconds: float | None = doc(None, f"T: average at every multiple of T seconds of wall-clock time; "
-                                            f"default {DEFAULT_EVERY_SECONDS:g} if every_steps is 0, else 0 (step-based only)")
-    outer_lr: float | None = doc(None, "outer learning rate (1.0 with momentum 0 = plain parameter averaging); "
-                                       "default 0.7, or 1.0 with the sparse codec")
-    outer_momentum: float | None = doc(None, "outer momentum; default 0.9, or 0 with the sparse codec (its error feedback "
-                                             "is the momentum, as in SparseLoCo)")
-    nesterov: bool = doc(True, "use Nesterov momentum in the outer step")
-    outer_warmup: int = doc(4, "outer steps over which the outer momentum ramps up linearly from 0 (with full "
-                               "momentum, a cold start's first pseudo-gradients overshoot)")
-    min_group_size: int = doc(2, "fewest peers (self included) that make a group")
-    max_group_size: int = doc(64, "most peers in one all-reduce; a round with more averages in subgroups of this size, "
-                                   "combined into one result")
-    matchmaking_window: float = doc(15.0, "seconds to wait at a sync point for other peers")
-    join_timeout: float = doc(5.0, "seconds to wait when connecting to a group leader")
-    allreduce_timeout: float = doc(60.0, "seconds before a stalled all-reduce is declared failed")
-    serve_rate_mb_s: float = doc(16.0, "while it trains, a peer streams its state to joiners at most this fast (MB/s, "
-                                       "0 = no cap); while it waits at a sync point, at full speed")
-    max_stale_rounds: int = doc(4, "a peer that missed rounds carries its local progress onto the swarm's newer state "
-                                   "if it is at most this many rounds stale (0 = drop it), and averages it next round")
-    overlap: bool = doc(False, "keep training while a round's all-reduce runs; apply its outer step one round late")
-    fragments: int = doc(1, "streaming: split the parameters into this many fragments and average one per sync point, "
-                            "in turn, while training goes on (implies overlap; set H to the period / fragments)")
-    compression: Literal["fp32", "fp16", "bf16", "int8", "sparse"] = doc(
-        "fp32", "wire codec: fp32 exact; fp16/bf16 half the bytes; int8 a quarter; sparse 1/256 (top-k, 2 bits; "
-        "lossy ones with error feedback)")
-    error_feedback_decay: float = doc(1.0, "lossy codecs: each round, the unsent residual is scaled by this before the "
-                                           "new pseudo-gradient is added (SparseLoCo's beta; 1 = keep it all)")
-    aggregator: Literal["mean", "trimmed_mean", "centered_clip"] = doc(
-        "mean", "how each part is reduced: mean (weighted), or robust to hostile peers: trimmed_mean, centered_clip")
-    trim: float = doc(0.2, "trimmed_mean: fraction of values dropped at EACH end, per coordinate (0 <= trim < 0.5)")
-    clip_tau: float = doc(1.0, "centered_clip: clipping radius, relative to the median distance of the updates")
-    clip_iters: int = doc(3, "centered_clip: fixed-point iterations")
-    ban_after: int = doc(3, "ban a peer for the rest of the run after this many rounds with a rejected contribution")
-    trusted: bool = doc(False, "all peers are trusted (private run): fp32+mean uses the faster ring SUM, "
-                               "which cannot drop a bad contribution (a NaN fails the round)")
+    """When a peer averages (the schedule: H steps or T seconds, its own fields) and how: one
+    section per averaging component, each defined and checked in averaging/config.py."""
+
+    every_steps: int = Field(0, description="H: average after this many inner steps (0 = time-based only)")
+    every_seconds: float | None = Field(None, description=f"T: average at every multiple of T seconds of wall-clock "
+                                        f"time; default {DEFAULT_EVERY_SECONDS:g} if every_steps is 0, else 0 "
+                                        f"(step-based only)")
+    serve_rate_mb_s: float = Field(16.0, description="while it trains, a peer streams its state to joiners at most this "
+                                                     "fast (MB/s, 0 = no cap); while it waits at a sync point, at full speed")
+    max_stale_rounds: int = Field(4, description="a peer that missed rounds carries its local progress onto the swarm's "
+                                                 "newer state if it is at most this many rounds stale (0 = drop it), "
+                                                 "and averages it next round")
+    overlap: bool = Field(False, description="keep training while a round's all-reduce runs; apply its outer step one "
+                                             "round late")
+    fragments: int = Field(1, description="streaming: split the parameters into this many fragments and average one per "
+                                          "sync point, in turn, while training goes on (implies overlap; set H to the "
+                                          "period / fragments)")
+    outer: OuterConfig = Field(default_factory=OuterConfig, description="the outer step")
+    matchmaking: MatchmakingConfig = Field(default_factory=MatchmakingConfig, description="how groups form")
+    allreduce: AllReduceConfig = Field(default_factory=AllReduceConfig, description="how a group reduces")
+    codec: CodecConfig = Field(default_factory=CodecConfig, description="the wire codec")
+    aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig,
+                                         description="the reduction of each part, robust or not")
 
     def __post_init__(self) -> None:
         if self.every_seconds is None:  # resolved once, here: setting only H means step-based
             self.every_seconds = DEFAULT_EVERY_SECONDS if self.every_steps == 0 else 0.0
-        # Resolved once, here. The sparse codec delivers each value late, through its error
-        # feedback, which already acts as a momentum: Nesterov on top overshoots (measured on the
-        # convergence benchmark, seed 0: H=50 2.410 with 0.7/0.9 against 2.264 with plain
-        # averaging; docs/benchmarks.md), so SparseLoCo's plain outer step is its default.
-        sparse = self.compression == "sparse"
-        if self.outer_lr is None:
-            self.outer_lr = 1.0 if sparse else OuterConfig.lr
-        if self.outer_momentum is None:
-            self.outer_momentum = 0.0 if sparse else OuterConfig.momentum
+        self.outer = self.outer.resolved(self.codec.name)  # the codec's outer lr and momentum, where unset
         if self.every_steps < 0 or self.every_seconds < 0:
             raise ValueError("every_steps and every_seconds must be >= 0")
         if self.every_steps == 0 and self.every_seconds == 0:
             raise ValueError("set every_steps > 0 or every_seconds > 0, or peers never sync")
-        self.outer()  # validates outer_lr / outer_momentum
-        self.matchmaking()  # validates group sizes and timeouts
-        if self.allreduce_timeout <= 0:
-            raise ValueError(f"allreduce_timeout must be > 0, got {self.allreduce_timeout}")
+        check_group_sizes(self.aggregator, self.matchmaking)  # the robust aggregators need groups of a size
         if not self.serve_rate_mb_s >= 0:
             raise ValueError(f"serve_rate_mb_s must be >= 0 (0 = no cap), got {self.serve_rate_mb_s}")
-        if self.compression not in CODECS:
-            raise ValueError(f"compression must be {', '.join(CODECS[:-1])} or {CODECS[-1]}, got {self.compression!r}")
-        if not 0.0 <= self.error_feedback_decay <= 1.0:
-            raise ValueError(f"error_feedback_decay must be between 0 and 1, got {self.error_feedback_decay}")
-        check_group_sizes(self.aggregation(), self.matchmaking())  # validates aggregator, trim, clip_*; sizes fit it
-        if self.ban_after < 1:
-            raise ValueError(f"ban_after must be >= 1, got {self.ban_after}")
         if self.max_stale_rounds < 0:
             raise ValueError(f"max_stale_rounds must be >= 0, got {self.max_stale_rounds}")
         if not 1 <= self.fragments <= 64:
@@ -337,36 +300,19 @@ class SyncConfig:
         if self.fragments > 1:  # a fragment's round always runs while the others train
             self.overlap = True
 
-    def outer(self) -> OuterConfig:
-        return OuterConfig(lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov,
-                           warmup=self.outer_warmup)
-
-    def matchmaking(self) -> MatchmakingConfig:
-        return MatchmakingConfig(
-            min_group_size=self.min_group_size, max_group_size=self.max_group_size,
-            window=self.matchmaking_window, join_timeout=self.join_timeout,
-        )
-
-    def aggregation(self) -> AggregatorConfig:
-        return AggregatorConfig(name=self.aggregator, trim=self.trim, clip_tau=self.clip_tau, clip_iters=self.clip_iters)
-
     def averager(self, *, listen_host: str, announce_host: str, client_mode: bool = False,
                  secret: Credential | None = None) -> AveragerConfig:
-        return AveragerConfig(
-            listen_host=listen_host, announce_host=announce_host,
-            allreduce_timeout=self.allreduce_timeout, codec=self.compression, ef_decay=self.error_feedback_decay,
-            matchmaking=self.matchmaking(),
-            client_mode=client_mode, aggregator=self.aggregation(), trusted=self.trusted, ban_after=self.ban_after,
-            secret=secret,
-        )
+        return AveragerConfig(listen_host=listen_host, announce_host=announce_host, client_mode=client_mode,
+                              matchmaking=self.matchmaking, allreduce=self.allreduce, codec=self.codec,
+                              aggregator=self.aggregator, secret=secret)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SETTINGS)
 class CheckpointConfig:
-    dir: str = doc("", "directory for checkpoints ('' = no checkpoints)")
-    every_rounds: int = doc(1, "save after every N completed rounds")
-    keep_last: int = doc(3, "keep this many newest checkpoints (0 = keep all)")
-    resume: bool = doc(False, "start from the newest checkpoint in dir (the swarm's newer state wins)")
+    dir: str = Field("", description="directory for checkpoints ('' = no checkpoints)")
+    every_rounds: int = Field(1, description="save after every N completed rounds")
+    keep_last: int = Field(3, description="keep this many newest checkpoints (0 = keep all)")
+    resume: bool = Field(False, description="start from the newest checkpoint in dir (the swarm's newer state wins)")
 
     def __post_init__(self) -> None:
         if self.every_rounds < 1:
@@ -377,20 +323,20 @@ class CheckpointConfig:
             raise ValueError("resume needs a checkpoint dir (--checkpoint.dir)")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SETTINGS)
 class TrainConfig:
-    optimizer: Literal["adamw", "sgd"] = doc("adamw", "inner optimizer")
-    lr: float = doc(1e-3, "inner learning rate")
-    weight_decay: float = doc(0.01, "inner weight decay")
-    grad_clip: float = doc(1.0, "clip the gradient norm to this (0 = off)")
-    max_rounds: int = doc(0, "stop after this many completed sync rounds (0 = no limit)")
-    max_steps: int = doc(0, "stop after this many inner steps (0 = no limit)")
-    seed: int = doc(0, "seed of the initial weights; every peer of a run must use the same one")
-    device: str = doc("auto", "auto, cpu, cuda, cuda:N or mps")
-    threads: int = doc(0, "torch CPU threads (0 = torch's default)")
-    eval_batches: int = doc(8, "validation batches per evaluation")
-    eval_every_rounds: int = doc(1, "evaluate on the validation split after every N completed rounds (and at the end)")
-    summary_file: str = doc("", "write a JSON summary here on exit")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="inner optimizer")
+    lr: float = Field(1e-3, description="inner learning rate")
+    weight_decay: float = Field(0.01, description="inner weight decay")
+    grad_clip: float = Field(1.0, description="clip the gradient norm to this (0 = off)")
+    max_rounds: int = Field(0, description="stop after this many completed sync rounds (0 = no limit)")
+    max_steps: int = Field(0, description="stop after this many inner steps (0 = no limit)")
+    seed: int = Field(0, description="seed of the initial weights; every peer of a run must use the same one")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    threads: int = Field(0, description="torch CPU threads (0 = torch's default)")
+    eval_batches: int = Field(8, description="validation batches per evaluation")
+    eval_every_rounds: int = Field(1, description="evaluate on the validation split after every N completed rounds (and at the end)")
+    summary_file: str = Field("", description="write a JSON summary here on exit")
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -405,23 +351,23 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SETTINGS)
 class PeerConfig:
     """What `peer.Peer` needs: how to reach the swarm, when to sync, what to keep."""
 
-    swarm: SwarmConfig = doc(SwarmConfig, "network")
-    sync: SyncConfig = doc(SyncConfig, "averaging schedule and outer optimizer")
-    checkpoint: CheckpointConfig = doc(CheckpointConfig, "checkpoints")
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig, description="network")
+    sync: SyncConfig = Field(default_factory=SyncConfig, description="averaging schedule and outer optimizer")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SETTINGS)
 class RunConfig(PeerConfig):
     """Everything `swarm-peer` needs to train the embedded model (or a user's data)."""
 
-    train: TrainConfig = doc(TrainConfig, "inner training loop")
-    model: ModelConfig = doc(ModelConfig, "model architecture")
-    data: DataConfig = doc(DataConfig, "training data")
-    log: LogConfig = doc(LogConfig, "progress display, log format, TensorBoard / W&B")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="inner training loop")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="model architecture")
+    data: DataConfig = Field(default_factory=DataConfig, description="training data")
+    log: LogConfig = Field(default_factory=LogConfig, description="progress display, log format, TensorBoard / W&B")
 
     def peer_config(self) -> PeerConfig:
         return PeerConfig(swarm=self.swarm, sync=self.sync, checkpoint=self.checkpoint)

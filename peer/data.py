@@ -27,7 +27,12 @@ import torch.nn as nn
 
 from averaging.errors import DataError  # noqa: F401  (re-exported)
 from peer.device import autocast
-from .config import DataConfig, _is_int, parse_shard  # noqa: F401  (DataConfig, parse_shard: re-exported)
+from .config import DataConfig, parse_shard  # noqa: F401  (DataConfig, parse_shard: re-exported)
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int; a `True` batch size is a mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # Separator between concatenated files, so the model sees a file boundary.

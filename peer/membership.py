@@ -155,10 +155,11 @@ class RunSettings:
     def of(cls, sync: Any, params: int) -> "RunSettings":
         """From a peer's SyncConfig (its outer values resolved) and its parameter count."""
         return cls(params=int(params), every_steps=int(sync.every_steps), every_seconds=float(sync.every_seconds),
-                   outer_lr=float(sync.outer_lr), outer_momentum=float(sync.outer_momentum),
-                   nesterov=bool(sync.nesterov), compression=str(sync.compression), aggregator=str(sync.aggregator),
-                   fragments=int(sync.fragments), overlap=bool(sync.overlap),
-                   min_group_size=int(sync.min_group_size), max_group_size=int(sync.max_group_size))
+                   outer_lr=float(sync.outer.lr), outer_momentum=float(sync.outer.momentum),
+                   nesterov=bool(sync.outer.nesterov), compression=str(sync.codec.name),
+                   aggregator=str(sync.aggregator.name), fragments=int(sync.fragments), overlap=bool(sync.overlap),
+                   min_group_size=int(sync.matchmaking.min_group_size),
+                   max_group_size=int(sync.matchmaking.max_group_size))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -53,7 +53,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TextIO
 
-from .configlib import ConfigError, doc
+import pydantic.dataclasses
+from pydantic import Field
+
+from averaging.config import SETTINGS
+from averaging.errors import ConfigError
 
 __all__ = [
     "LogConfig",
@@ -92,23 +96,19 @@ _FORMATS = ("auto", "rich", "text", "json")
 # --------------------------------------------------------------------------- config
 
 
-@dataclass(kw_only=True)
+@pydantic.dataclasses.dataclass(kw_only=True, config=SETTINGS)
 class LogConfig:
-    format: Literal["auto", "rich", "text", "json"] = doc(
-        "auto", "progress display: rich (live terminal), text (log lines), json (one object per line), auto = rich on a terminal, else text")
-    every_steps: int = doc(10, "emit a progress log line / metric point every N local steps (the rich display follows every step)")
-    tensorboard_dir: str = doc("", "also write scalars for TensorBoard to this directory ('' = off; needs the tensorboard package)")
-    wandb_project: str = doc("", "also log to this Weights & Biases project ('' = off; needs the wandb package)")
-    wandb_run_name: str = doc("", "W&B run name ('' = let W&B choose)")
+    format: Literal["auto", "rich", "text", "json"] = Field(
+        "auto", description="progress display: rich (live terminal), text (log lines), json (one object per line), auto = rich on a terminal, else text")
+    every_steps: int = Field(10, description="emit a progress log line / metric point every N local steps (the rich display follows every step)")
+    tensorboard_dir: str = Field("", description="also write scalars for TensorBoard to this directory ('' = off; needs the tensorboard package)")
+    wandb_project: str = Field("", description="also log to this Weights & Biases project ('' = off; needs the wandb package)")
+    wandb_run_name: str = Field("", description="W&B run name ('' = let W&B choose)")
 
     def __post_init__(self) -> None:
-        if self.format not in _FORMATS:
-            raise ValueError(f"format must be one of {', '.join(_FORMATS)}, got {self.format!r}")
-        if isinstance(self.every_steps, bool) or not isinstance(self.every_steps, int) or self.every_steps < 1:
+        # (pydantic has checked the types: format is one of the four, every_steps an int)
+        if self.every_steps < 1:
             raise ValueError(f"every_steps must be an integer >= 1, got {self.every_steps!r}")
-        for name in ("tensorboard_dir", "wandb_project", "wandb_run_name"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         if self.wandb_run_name and not self.wandb_project:
             raise ValueError("wandb_run_name is set but wandb_project is empty (set wandb_project to enable W&B)")
 

@@ -93,7 +93,7 @@ class RoundLoop:
         self.fingerprint = fingerprint
         # θ_sync, the outer momentum and the round buffer: host memory (pinned for a CUDA model),
         # allocated once, updated in place (averaging/outer.py).
-        self.outer = OuterOptimizer.from_params(params, config.sync.outer(), pin=self.device.type == "cuda")
+        self.outer = OuterOptimizer.from_params(params, config.sync.outer, pin=self.device.type == "cuda")
         # Held while θ_sync and the momentum change (a round applied, a state adopted): the state
         # server streams them from another thread, chunk by chunk, under it.
         self.state_lock = threading.Lock()
@@ -230,7 +230,7 @@ class RoundLoop:
         simply not taken part in)."""
         assert self._averager is not None
         await self._wait_for_joiners(round_)
-        if await self.expected_group_size_async() < self.config.sync.min_group_size:
+        if await self.expected_group_size_async() < self.config.sync.matchmaking.min_group_size:
             return RoundResult(round_, "failed", (self.peer_id,), (), 0.0, 0, NO_PEER)
         # Δ is written into the round buffer (off the loop) while we meet the group: matchmaking
         # is mostly waiting for the others, so this pass over the model costs the round nothing
@@ -269,10 +269,10 @@ class RoundLoop:
         and never takes part."""
         if self._server is None:
             return
-        deadline = time.monotonic() + 0.8 * self.config.sync.matchmaking_window
+        deadline = time.monotonic() + 0.8 * self.config.sync.matchmaking.window
         said = False
         while time.monotonic() < deadline:
-            busy, fetched = self._server.downloads(max_age=self.config.sync.matchmaking_window)
+            busy, fetched = self._server.downloads(max_age=self.config.sync.matchmaking.window)
             if fetched:  # done downloading: wait until it announces our state, then it is counted in
                 here = {r.peer_id for r in await self.others_async() if (r.round, r.digest) == (round_, self.digest)}
                 for pid in fetched & here:
@@ -519,7 +519,7 @@ class RoundLoop:
     def meeting_key(self) -> str:
         # Only peers with the same model, round and θ_sync can average meaningfully.
         # The codec is part of the key too: peers with different codecs cannot share a round.
-        return f"{self.fingerprint}.{self.config.sync.compression}.{self.digest[:16]}"
+        return f"{self.fingerprint}.{self.config.sync.codec.name}.{self.digest[:16]}"
 
     def others(self) -> list[PeerRecord]:
         """The other live peers' records (a blocking DHT read)."""
@@ -615,7 +615,7 @@ class RoundLoop:
         try:
             # timeout bounds each wait of the stream, not the download (a large state takes long)
             state = download_state(donors, fingerprint=self.fingerprint, numel=self.outer.theta_sync.numel(),
-                                   timeout=self.config.sync.join_timeout * 4, requester=self.peer_id)
+                                   timeout=self.config.sync.matchmaking.join_timeout * 4, requester=self.peer_id)
         except StateMovedError as e:  # a round ended meanwhile: read the records again, blame nobody
             if (round_, digest) not in moved:
                 moved.add((round_, digest))

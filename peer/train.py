@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
+from averaging.errors import ConfigError
 from averaging.identity import short_id
 
 from .api import Peer
 from .config import RunConfig
-from .configlib import ConfigError
 from .data import estimate_loss, load_corpus, parse_shard
 from .device import autocast, detect_device
 from .model import build_model, count_parameters
@@ -68,7 +68,7 @@ def run(cfg: RunConfig, stop: threading.Event) -> dict[str, Any]:
         t_train = time.monotonic()
         log.info("peer %s at round %d, validation loss %.4f", short_id(peer.peer_id), peer.round, val_start)
         # A beat may be as late as a slow step plus a whole sync round (matchmaking, then the all-reduce).
-        sync_bound = cfg.sync.matchmaking_window + cfg.sync.allreduce_timeout + 60.0
+        sync_bound = cfg.sync.matchmaking.window + cfg.sync.allreduce.timeout + 60.0
         step_s, t_step, last_complete = 0.0, time.monotonic(), None
         while not stop.is_set():
             now = time.monotonic()

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # a 2 MB slice of the stdlib corpus, and short timeouts so failures surface quickly.
 FAST_PEER = [
     "--swarm.host", "127.0.0.1", "--train.threads", "1", "--data.max-bytes", "2000000",
-    "--train.eval-batches", "4", "--sync.matchmaking-window", "20", "--sync.allreduce-timeout", "30",
+    "--train.eval-batches", "4", "--sync.matchmaking.window", "20", "--sync.allreduce.timeout", "30",
 ]
 
 

@@ -65,9 +65,7 @@ def run_swarm(*, honest: int, hostiles: list[Tamper], aggregator: str, trim: flo
             opt = torch.optim.SGD(model.parameters(), lr=0.05)
             cfg = PeerConfig(
                 swarm=SwarmConfig(run_id=run_id, initial_peers=boot.visible_maddrs(), host="127.0.0.1"),
-                sync=SyncConfig(every_steps=10, matchmaking_window=15, allreduce_timeout=20, outer_lr=1.0,
-                                outer_momentum=0.0, aggregator=aggregator, trim=trim,  # type: ignore[arg-type]
-                                min_group_size=min_group),
+                sync=SyncConfig(every_steps=10, matchmaking={"window": 15, "min_group_size": min_group}, allreduce={"timeout": 20}, outer={"lr": 1.0, "momentum": 0.0}, aggregator={"name": aggregator, "trim": trim}),
             )
             gen = torch.Generator().manual_seed(100 + i)
             tamper = hostiles[i - honest] if i >= honest else None

@@ -51,7 +51,7 @@ async def test_two_async_peers_train_to_agreement_on_one_event_loop():
     boot = SwarmDHT.start("aio", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         cfg = PeerConfig(swarm=SwarmConfig(run_id="aio", initial_peers=boot.visible_maddrs(), host="127.0.0.1"),
-                         sync=SyncConfig(every_steps=10, matchmaking_window=15, allreduce_timeout=30))
+                         sync=SyncConfig(every_steps=10, matchmaking={"window": 15}, allreduce={"timeout": 30}))
         init = TinyRegressor().state_dict()
         ticks = 0
 
@@ -75,7 +75,7 @@ async def test_two_async_peers_train_to_agreement_on_one_event_loop():
 @pytest.mark.timeout(180)
 async def test_cancelling_a_peers_task_leaves_no_thread_process_or_port():
     cfg = PeerConfig(swarm=SwarmConfig(run_id="aio-cancel", host="127.0.0.1"),
-                     sync=SyncConfig(every_steps=3, matchmaking_window=2, allreduce_timeout=10))
+                     sync=SyncConfig(every_steps=3, matchmaking={"window": 2}, allreduce={"timeout": 10}))
     syncing = asyncio.Event()
 
     async def forever() -> None:

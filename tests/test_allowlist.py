@@ -167,7 +167,7 @@ def test_allowlisted_swarm_trains_and_an_unlisted_peer_is_told_its_id(keys):
     def config(path) -> PeerConfig:
         return PeerConfig(swarm=SwarmConfig(run_id=RUN, initial_peers=boot.visible_maddrs(), host="127.0.0.1",
                                             identity_path=str(path), allowlist_file=str(allow)),
-                          sync=SyncConfig(every_steps=10, matchmaking_window=8, allreduce_timeout=20))
+                          sync=SyncConfig(every_steps=10, matchmaking={"window": 8}, allreduce={"timeout": 20}))
 
     def train(name: str, path) -> None:
         try:

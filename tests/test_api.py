@@ -77,7 +77,7 @@ def _train_two(run_id: str, sync: SyncConfig, *, rounds: int, max_steps: int, sa
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("compression", ["fp32", "int8"])
 def test_two_api_peers_train_a_custom_model(compression):
-    sync = SyncConfig(every_steps=20, matchmaking_window=20, allreduce_timeout=30, compression=compression)
+    sync = SyncConfig(every_steps=20, matchmaking={"window": 20}, allreduce={"timeout": 30}, codec={"name": compression})
     a, b = _train_two("api-test", sync, rounds=6, max_steps=600, same_init=False).values()
     assert a["round"] == b["round"] >= 3  # both left after the same (last) round
     assert a["digest"] == b["digest"]
@@ -89,8 +89,7 @@ def test_two_api_peers_train_a_custom_model(compression):
 @pytest.mark.timeout(180)
 def test_overlap_mode_trains_and_agrees():
     """With sync.overlap, rounds run in the background; peers still agree and the loss drops."""
-    sync = SyncConfig(every_steps=20, matchmaking_window=20, allreduce_timeout=30, overlap=True, outer_lr=1.0,
-                      outer_momentum=0.0)
+    sync = SyncConfig(every_steps=20, overlap=True, matchmaking={"window": 20}, allreduce={"timeout": 30}, outer={"lr": 1.0, "momentum": 0.0})
     a, b = _train_two("overlap-test", sync, rounds=5, max_steps=800, same_init=True).values()
     assert a["round"] == b["round"] >= 4  # close() applied the round in flight on both
     assert a["digest"] == b["digest"] and torch.equal(a["theta"], b["theta"])  # bit-identical θ_sync
@@ -103,8 +102,7 @@ def test_overlapped_rounds_wait_for_a_slower_member_of_the_last_round():
     record shows the new state later than the others reach it. The leader expects the last
     round's members (while their records are fresh) instead of closing without the slow one:
     every round has all 3 peers. (Before, the two fast peers averaged alone from round 2 on.)"""
-    sync = SyncConfig(every_steps=10, matchmaking_window=20, allreduce_timeout=30, overlap=True, outer_lr=1.0,
-                      outer_momentum=0.0)
+    sync = SyncConfig(every_steps=10, overlap=True, matchmaking={"window": 20}, allreduce={"timeout": 30}, outer={"lr": 1.0, "momentum": 0.0})
     res = _train_two("overlap-slow", sync, rounds=5, max_steps=800, same_init=True, n=3, step_delay=(0, 0, 0.1))
     assert len({r["digest"] for r in res.values()}) == 1
     for r in res.values():
@@ -117,8 +115,7 @@ def test_streaming_fragments_stay_in_agreement_and_each_round_moves_only_its_fra
     r mod 3) while training goes on; both peers end at the same θ_sync, every fragment was
     averaged, and the loss drops."""
     from averaging.codecs import partition
-    sync = SyncConfig(every_steps=10, matchmaking_window=20, allreduce_timeout=30, fragments=3, outer_lr=1.0,
-                      outer_momentum=0.0, compression="sparse")
+    sync = SyncConfig(every_steps=10, fragments=3, matchmaking={"window": 20}, allreduce={"timeout": 30}, outer={"lr": 1.0, "momentum": 0.0}, codec={"name": "sparse"})
     assert sync.overlap  # implied
     a, b = _train_two("stream-test", sync, rounds=7, max_steps=800, same_init=True).values()
     assert a["round"] == b["round"] >= 6
@@ -179,7 +176,7 @@ def test_closed_peer_releases_its_listening_port():
     before = _own_listeners()
     model = nn.Linear(4, 1)
     cfg = PeerConfig(swarm=SwarmConfig(run_id="release", host="127.0.0.1"),
-                     sync=SyncConfig(every_steps=5, matchmaking_window=1))
+                     sync=SyncConfig(every_steps=5, matchmaking={"window": 1}))
     gc.disable()  # prove it does not depend on a collection
     try:
         peer = Peer(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg)
@@ -215,7 +212,7 @@ def test_a_leaving_peer_is_not_waited_for_and_a_lone_peer_says_so_once(caplog):
         try:
             model = TinyRegressor()
             cfg = PeerConfig(swarm=SwarmConfig(run_id="leaving", initial_peers=boot.visible_maddrs(), host="127.0.0.1"),
-                             sync=SyncConfig(every_steps=5, matchmaking_window=15, allreduce_timeout=30))
+                             sync=SyncConfig(every_steps=5, matchmaking={"window": 15}, allreduce={"timeout": 30}))
             with Peer(model, torch.optim.SGD(model.parameters(), lr=0.01), cfg) as peer:
                 ids[name] = peer.peer_id
                 while peer.round < 2 and peer.local_step < 200:

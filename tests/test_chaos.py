@@ -38,7 +38,7 @@ def run_swarm(procs, wan: Wan, tag: str, chaos: bool) -> dict:
     boot, addr = procs.bootstrap(f"{tag}-boot", *boot_args, identity=boot_key, host=wan.addrs[0], netns=wan.hosts[0])
     procs.by_name = getattr(procs, "by_name", {})
     args = ["--sync.every-steps", str(H), "--train.max-rounds", str(ROUNDS), "--train.seed", "0",
-            "--train.max-steps", "2000", "--sync.matchmaking-window", "10", "--sync.allreduce-timeout", "10"]
+            "--train.max-steps", "2000", "--sync.matchmaking.window", "10", "--sync.allreduce.timeout", "10"]
 
     def start(i: int, resume: bool = False, k: int = 0) -> str:
         name = f"{tag}{i}" + (f"-r{k}" if k else "")

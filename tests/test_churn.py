@@ -92,7 +92,7 @@ def test_slow_peer_is_not_waited_for_and_resyncs(procs):
     Freezing the process, rather than giving it a bigger batch, makes the slowness independent
     of how many cores the test machine has."""
     boot, addr = procs.bootstrap()
-    common = ["--sync.every-steps", "10", "--train.max-rounds", "10", "--sync.matchmaking-window", "4"]
+    common = ["--sync.every-steps", "10", "--train.max-rounds", "10", "--sync.matchmaking.window", "4"]
     fast = [procs.peer(f"fast{i}", addr, *common) for i in range(2)]
     slow = procs.peer("slow", addr, *common)
     # Freeze it between rounds (it just finished round 1 and is training locally), not mid-round.

@@ -38,7 +38,7 @@ import yaml
 from bootstrap import cli as bootstrap_cli
 from bootstrap.node import BootstrapConfig
 from peer import cli as peer_cli
-from peer.configlib import ConfigError
+from averaging.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -278,7 +278,7 @@ def test_compose_peer_command_parses_with_the_real_parser():
     assert cfg.checkpoint.dir == "/data/peers/slot-0/checkpoints" and cfg.checkpoint.resume
     assert cfg.train.summary_file == "/data/peers/slot-0/summary.json"
     assert penv["SWARM_SLOTS_DIR"] == "/data/peers"
-    assert (cfg.sync.every_steps, cfg.sync.every_seconds) == (0, 10.0) and cfg.sync.compression == "fp32" and cfg.train.threads == 1
+    assert (cfg.sync.every_steps, cfg.sync.every_seconds) == (0, 10.0) and cfg.sync.codec.name == "fp32" and cfg.train.threads == 1
     assert cfg.log.format == "text" and cfg.swarm.secret_file == ""
     # the run id is the bootstrap's
     assert cfg.swarm.run_id == bootstrap_cli.parse(compose()["services"]["bootstrap"]["command"]).run_id
@@ -290,8 +290,9 @@ def test_compose_peer_command_parses_with_the_real_parser():
            "RUN_ID": "my-run", "PEER_ANNOUNCE_HOST": "198.51.100.7", "PEER_JOIN_TIMEOUT": "60"}
     argv, penv = peer_argv(env)
     cfg = parse_peer(argv)
-    assert (cfg.sync.every_steps, cfg.sync.every_seconds, cfg.sync.compression, cfg.sync.min_group_size,
-            cfg.sync.max_group_size, cfg.sync.matchmaking_window) == (7, 30.0, "int8", 3, 8, 5.0)
+    mm = cfg.sync.matchmaking
+    assert (cfg.sync.every_steps, cfg.sync.every_seconds, cfg.sync.codec.name, mm.min_group_size,
+            mm.max_group_size, mm.window) == (7, 30.0, "int8", 3, 8, 5.0)
     assert (cfg.train.device, cfg.train.threads, cfg.train.seed, cfg.train.max_rounds, cfg.train.max_steps) == (
         "cuda:1", 4, 9, 20, 1000)
     assert (cfg.checkpoint.every_rounds, cfg.checkpoint.keep_last, cfg.log.format, cfg.log.every_steps) == (2, 5, "json", 25)
@@ -308,7 +309,7 @@ def test_compose_command_flags_exist_in_the_clis():
 
 
 @pytest.mark.parametrize("service,bad", [("peer", "--sync.every-stepz=50"), ("bootstrap", "--maddr-file=/x"),
-                                         ("peer", "--swarm.port=notaport"), ("peer", "--sync.compression=fp8")])
+                                         ("peer", "--swarm.port=notaport"), ("peer", "--sync.codec.name=fp8")])
 def test_a_wrong_flag_in_compose_would_fail_these_tests(service, bad, capsys):
     """The parse tests above have teeth: one typo'd or invalid flag makes the real parser refuse."""
     cmd = compose()["services"][service]["command"] + [bad]
@@ -535,7 +536,8 @@ def test_real_nodes_beat_while_they_work(procs, monkeypatch):
     peers = []
     for n in ("p0", "p1"):
         monkeypatch.setenv(hc.ENV, str(files[n]))
-        peers.append(procs.peer(n, addr, "--sync.every-steps", "20", "--train.max-rounds", "3"))
+        # no round limit: they train until stopped, so none can finish before its heartbeat is read
+        peers.append(procs.peer(n, addr, "--sync.every-steps", "20"))
     seen = {}
 
     def beating() -> bool:
@@ -550,7 +552,9 @@ def test_real_nodes_beat_while_they_work(procs, monkeypatch):
     assert seen["boot"].startswith("bootstrap: run 'swarmtrain-demo': records read")
     assert all(seen[n].startswith("peer: step ") for n in ("p0", "p1")), seen
     for p in peers:
-        assert wait_exit(procs, p, 200) == 0, procs.log(p)[-2000:]
+        p.send_signal(signal.SIGTERM)
+    for p in peers:
+        assert wait_exit(procs, p, 60) == 0, procs.log(p)[-2000:]
     assert not files["p0"].exists() and not files["p1"].exists()
     assert hc.check(files["boot"]).startswith("bootstrap: ")  # still watching the run
     boot.send_signal(signal.SIGTERM)

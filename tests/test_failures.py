@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from averaging import Averager, AveragerConfig, MatchmakingConfig, SwarmDHT
+from averaging import AllReduceConfig, Averager, AveragerConfig, MatchmakingConfig, SwarmDHT
 
 from .conftest import PY, REPO
 
@@ -24,7 +24,7 @@ def test_survivors_complete_the_round_without_a_member_killed_mid_round(tmp_path
     run = "fault-test"
     boot = SwarmDHT.start(run, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     addr = boot.visible_maddrs()[0]
-    cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", allreduce_timeout=TIMEOUT,
+    cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", allreduce=AllReduceConfig(timeout=TIMEOUT),
                          matchmaking=MatchmakingConfig(window=30))
     survivors = [SwarmDHT.start(run, initial_peers=[addr], host_maddrs=["/ip4/127.0.0.1/tcp/0"]) for _ in range(2)]
     avs = [Averager(d, cfg) for d in survivors]

@@ -2,7 +2,7 @@
 
 Targets and their contracts (each test's docstring restates its own):
 
-* config: ``configlib.load`` (TOML file + override dict), ``peer.cli.parse``,
+* config: ``settings.load`` (TOML file + flag dict), ``peer.cli.parse``,
   ``bootstrap.cli.parse``, ``data.parse_shard``: a config, or ``ConfigError`` (the CLIs:
   ``ConfigError``/``ValueError``, or ``SystemExit`` from argparse);
 * peer messages: ``PeerRecord.parse`` and ``Candidate.from_record`` (DHT records),
@@ -51,9 +51,10 @@ from averaging.matchmaking import Candidate, Group, Matchmaker, MatchmakingConfi
 from bootstrap.ledger import FORMAT as LEDGER_FORMAT
 from bootstrap.ledger import Ledger, LedgerEntry
 from bootstrap.node import BootstrapConfig
-from peer import configlib, transfer
+from peer import settings as config_settings
+from peer import transfer
 from peer.config import RunConfig
-from peer.configlib import ConfigError
+from averaging.errors import ConfigError
 from peer.data import parse_shard
 from peer.membership import PeerRecord
 from peer.state import FORMAT as STATE_FORMAT
@@ -61,7 +62,7 @@ from peer.state import SwarmState
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover - Python 3.10, as in peer/configlib.py
+else:  # pragma: no cover - Python 3.10, as in peer/settings.py
     import tomli as tomllib
 
 pytestmark = pytest.mark.timeout(180)
@@ -193,7 +194,7 @@ def _leaves(cls: type) -> dict[str, dict[str, typing.Any]]:
 
 
 def _flags(cls: type, *, switches: bool | None = None) -> list[str]:
-    """The documented flag spelling: --section.field-name, plus --section.no-flag for bools
+    """The documented flag spelling: --section.field-name, plus --no-section.flag for bools
     (switches=True: only those value-less bool flags; False: only flags that take a value)."""
     out = []
     for section, fields in _leaves(cls).items():
@@ -202,7 +203,7 @@ def _flags(cls: type, *, switches: bool | None = None) -> list[str]:
             if switches is None or switches == (tp is bool):
                 out.append(f"--{head}{name.replace('_', '-')}")
             if tp is bool and switches is not False:
-                out.append(f"--{head}no-{name.replace('_', '-')}")
+                out.append(f"--no-{head}{name.replace('_', '-')}")
     return out
 
 
@@ -275,7 +276,7 @@ def to_toml(tree: dict) -> str:
 
 def _check_load(cls: type, path: object, overrides: dict) -> None:
     try:
-        cfg = configlib.load(cls, path=path, cli_overrides=overrides)
+        cfg = config_settings.load(cls, path=path, flags=overrides, environ={})
     except ConfigError as e:
         _one_line(e)
         event("ConfigError")
@@ -283,8 +284,8 @@ def _check_load(cls: type, path: object, overrides: dict) -> None:
     event("loaded")
     assert isinstance(cfg, cls)
     # A config that loads can be written and read back (compared as text: NaN != NaN).
-    text = configlib.dump_toml(cfg)
-    assert configlib.dump_toml(configlib.build(cls, tomllib.loads(text))) == text
+    text = config_settings.dump_toml(cfg)
+    assert config_settings.dump_toml(config_settings.validate(cls, tomllib.loads(text))) == text
 
 
 @pytest.mark.parametrize("cls", [RunConfig, BootstrapConfig], ids=["RunConfig", "BootstrapConfig"])
@@ -295,7 +296,7 @@ def _check_load(cls: type, path: object, overrides: dict) -> None:
                                                 "dashboard = -2", 'run_id = "ok"', "k = 1979-05-27T07:32:00Z"]),
                                max_size=6).map("\n".join)))
 def test_config_load_random_toml_text(tmp_path, cls, text):
-    """configlib.load(cls, path=<file with arbitrary bytes/text>): the config, or ConfigError (one line)."""
+    """config_settings.load(cls, path=<file with arbitrary bytes/text>): the config, or ConfigError (one line)."""
     p = tmp_path / "fuzz.toml"
     p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
     _check_load(cls, str(p), {})
@@ -305,7 +306,7 @@ def test_config_load_random_toml_text(tmp_path, cls, text):
 @fuzz(100)
 @given(data=st.data())
 def test_config_load_structured(tmp_path, cls, data):
-    """configlib.load(cls, path=TOML of a random config-shaped tree, cli_overrides=another tree):
+    """config_settings.load(cls, path=TOML of a random config-shaped tree, flags=another tree):
     the config, or ConfigError (one line). Override dicts may also hold non-TOML values
     (None, bytes, tuples, non-str keys): same contract."""
     file_tree = data.draw(config_trees(cls), label="file")
@@ -324,7 +325,7 @@ def test_config_load_structured(tmp_path, cls, data):
 def test_config_load_one_leaf_mutated(tmp_path, data):
     """A valid RunConfig file (dump_toml of a default) with one leaf replaced or removed, or one
     key added: the config, or ConfigError (one line)."""
-    tree = configlib.to_dict(RunConfig())
+    tree = config_settings.to_dict(RunConfig())
     section = data.draw(st.sampled_from(sorted(k for k, v in tree.items() if isinstance(v, dict))))
     name = data.draw(st.sampled_from(sorted(tree[section])) | KEY_TEXT)
     action = data.draw(st.sampled_from(["replace", "delete", "table"]))
@@ -346,8 +347,8 @@ def test_config_load_one_leaf_mutated(tmp_path, data):
 @pytest.fixture
 def cli_dir(tmp_path, monkeypatch):
     """An empty-ish working directory: the only files `--config` can name (see _safe_argv)."""
-    (tmp_path / "good.toml").write_text(configlib.dump_toml(RunConfig()))
-    (tmp_path / "boot.toml").write_text(configlib.dump_toml(BootstrapConfig()))
+    (tmp_path / "good.toml").write_text(config_settings.dump_toml(RunConfig()))
+    (tmp_path / "boot.toml").write_text(config_settings.dump_toml(BootstrapConfig()))
     (tmp_path / "bad.toml").write_text("[[[\n")
     (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00garbage")
     (tmp_path / "dir.toml").mkdir()
@@ -409,7 +410,7 @@ def _check_cli(parse: typing.Callable[[list[str]], object], cls: type, argv: lis
     assert isinstance(cfg, cls)
 
 
-# Flags that take no value: bool fields (--x.flag / --x.no-flag) and the CLIs' own switches.
+# Flags that take no value: bool fields (--x.flag / --no-x.flag) and the CLIs' own switches.
 _SWITCHES = set(_flags(RunConfig, switches=True) + _flags(BootstrapConfig, switches=True)) | {
     "--resume", "--print-config", "-h", "--help", "--"}
 _PEER_FLAGS = _flags(RunConfig) + ["--config", "--join", "--resume", "--print-config", "--log-format", "-h", "--help", "--"]
@@ -1094,7 +1095,7 @@ def test_ledger_load(tmp_path, doc):
 
 @pytest.mark.parametrize("via", ["toml", "overrides"])
 def test_regression_huge_int_config_float_field(tmp_path, via):
-    """configlib._coerce: `float(value)` on an int beyond float range raises OverflowError.
+    """a float field given an int beyond float range (configlib once raised OverflowError).
     e.g. TOML `[train]\\nlr = 1000…0` (400 digits); same for BootstrapConfig `poll_every`."""
     path, overrides = None, {}
     if via == "toml":
@@ -1103,23 +1104,23 @@ def test_regression_huge_int_config_float_field(tmp_path, via):
     else:
         overrides = {"train": {"lr": 10**400}}
     with pytest.raises(ConfigError):
-        configlib.load(RunConfig, path=path, cli_overrides=overrides)
+        config_settings.load(RunConfig, path=path, flags=overrides, environ={})
 
 
 @pytest.mark.parametrize("text", ["x = " + "9" * 5000, "x = " + "[" * 600 + "]" * 600], ids=["5000-digit-int", "deep-array"])
 def test_regression_load_toml_escapes(tmp_path, text):
-    """configlib.load_toml: tomllib raises a plain ValueError for an int over 4300 digits and
+    """config_settings.load_toml: tomllib raises a plain ValueError for an int over 4300 digits and
     RecursionError for ~500 nested arrays; neither becomes ConfigError."""
     p = tmp_path / "c.toml"
     p.write_text(text)
     with pytest.raises(ConfigError):
-        configlib.load(RunConfig, path=p, cli_overrides={})
+        config_settings.load(RunConfig, path=p, flags={}, environ={})
 
 
 def test_regression_load_toml_nul_in_path():
-    """configlib.load_toml('a\\x00b'): open() raises ValueError('embedded null byte'), not ConfigError."""
+    """config_settings.load_toml('a\\x00b'): open() raises ValueError('embedded null byte'), not ConfigError."""
     with pytest.raises(ConfigError):
-        configlib.load(RunConfig, path="a\x00b", cli_overrides={})
+        config_settings.load(RunConfig, path="a\x00b", flags={}, environ={})
 
 
 @pytest.mark.parametrize("rec", [{b"round": 1}, {1: 1}], ids=["bytes-key", "int-key"])

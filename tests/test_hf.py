@@ -431,7 +431,7 @@ def test_a_config_json_or_a_pretrained_folder_gives_every_peer_the_same_model(tm
     assert torch.equal(flatten_params(started.parameters()), flatten_params(a.parameters()))  # the folder's, not the seed's
     x = torch.randint(0, 300, (2, 16))
     assert started.training and torch.allclose(started.eval()(x)[0], a.eval()(x)[0])  # eval: GPT-2 has dropout
-    from peer.configlib import ConfigError
+    from averaging.errors import ConfigError
 
     (tmp_path / "bad.json").write_text('{"model_type": "no-such-model"}')
     for kwargs, message in [(dict(hf_config=str(tmp_path / "missing.json")), "does not exist"),

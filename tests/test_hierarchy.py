@@ -90,8 +90,7 @@ def test_more_peers_than_the_cap_all_average_in_one_round_and_agree():
             model = nn.Linear(4, 1)
             model.load_state_dict(init)
             cfg = PeerConfig(swarm=SwarmConfig(run_id="hier", initial_peers=addr, host="127.0.0.1"),
-                             sync=SyncConfig(every_steps=5, max_group_size=2, matchmaking_window=20,
-                                             allreduce_timeout=20))
+                             sync=SyncConfig(every_steps=5, matchmaking={"max_group_size": 2, "window": 20}, allreduce={"timeout": 20}))
             gen = torch.Generator().manual_seed(i)
             with Peer(model, torch.optim.SGD(model.parameters(), lr=0.05), cfg) as peer:
                 started.wait()

@@ -80,13 +80,13 @@ def test_a_group_too_small_for_a_robust_aggregator_fails_the_round():
     # silently be the mean, letting one bad member through: the round must fail instead.
     import dataclasses
 
-    from averaging import Averager, AveragerConfig, MatchmakingConfig, SwarmDHT
+    from averaging import AllReduceConfig, Averager, AveragerConfig, MatchmakingConfig, SwarmDHT
     from averaging.config import AggregatorConfig
 
     boot = SwarmDHT.start("small-group", host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     dhts = [SwarmDHT.start("small-group", initial_peers=boot.visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
             for _ in range(2)]
-    robust = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", allreduce_timeout=5,
+    robust = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", allreduce=AllReduceConfig(timeout=5),
                             aggregator=AggregatorConfig(name="trimmed_mean", trim=0.2),
                             matchmaking=MatchmakingConfig(min_group_size=5, window=20))
     avs = [Averager(d, robust) for d in dhts]

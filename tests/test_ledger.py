@@ -192,7 +192,7 @@ def test_monitor_keeps_validation_loss_throughput_and_the_run_config():
     from peer.config import SyncConfig
     from peer.membership import RunSettings
 
-    usual = RunSettings.of(SyncConfig(every_steps=50, compression="int8"), params=431_360)
+    usual = RunSettings.of(SyncConfig(every_steps=50, codec={"name": "int8"}), params=431_360)
     odd = replace(usual, outer_lr=0.1)
 
     def trainer(pid, samples, val=None, val_round=0, settings=usual):

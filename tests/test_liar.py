@@ -29,7 +29,7 @@ def _peer(addrs: list[str]) -> Peer:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     cfg = PeerConfig(swarm=SwarmConfig(run_id=RUN, initial_peers=addrs, host="127.0.0.1"),
-                     sync=SyncConfig(every_steps=10, matchmaking_window=8, allreduce_timeout=20))
+                     sync=SyncConfig(every_steps=10, matchmaking={"window": 8}, allreduce={"timeout": 20}))
     return Peer(model, torch.optim.SGD(model.parameters(), lr=0.01), cfg)
 
 

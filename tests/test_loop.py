@@ -96,7 +96,7 @@ def test_a_peers_background_work_runs_as_tasks_on_its_own_loop():
     before = {t.name for t in threading.enumerate()}
     model = nn.Linear(4, 1)
     cfg = PeerConfig(swarm=SwarmConfig(run_id="loop-tasks", host="127.0.0.1"),
-                     sync=SyncConfig(every_steps=2, matchmaking_window=1))
+                     sync=SyncConfig(every_steps=2, matchmaking={"window": 1}))
     with Peer(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg) as peer:
         for _ in range(2):
             x = torch.randn(8, 4)

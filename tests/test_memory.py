@@ -56,7 +56,7 @@ def test_retained_memory_does_not_grow_with_rounds():
             model.load_state_dict(init)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             cfg = PeerConfig(swarm=SwarmConfig(run_id="memory", initial_peers=boot.visible_maddrs(), host="127.0.0.1"),
-                             sync=SyncConfig(every_steps=5, matchmaking_window=10, allreduce_timeout=30))
+                             sync=SyncConfig(every_steps=5, matchmaking={"window": 10}, allreduce={"timeout": 30}))
             gen = torch.Generator().manual_seed(i)
             with Peer(model, opt, cfg) as peer:
                 while peer.round < LAST and peer.local_step < 40 * LAST:

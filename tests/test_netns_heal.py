@@ -31,8 +31,8 @@ def test_a_20s_link_cut_heals(procs):
 
         def peer(name: str, ip: str, ns: str):
             return procs.spawn(name, ["-m", "peer", "--join", addr, *FAST_PEER, "--swarm.host", ip,
-                                      "--sync.every-steps", "10", "--sync.matchmaking-window", "8",
-                                      "--sync.allreduce-timeout", "15", "--checkpoint.dir", str(procs.tmp / f"ckpt-{name}"),
+                                      "--sync.every-steps", "10", "--sync.matchmaking.window", "8",
+                                      "--sync.allreduce.timeout", "15", "--checkpoint.dir", str(procs.tmp / f"ckpt-{name}"),
                                       "--checkpoint.keep-last", "0"], netns=ns)
 
         a, b = peer("a", a_ip, wan.hosts[1]), peer("b", b_ip, wan.hosts[2])
@@ -73,7 +73,7 @@ def test_three_cli_peers_in_namespaces_form_full_groups_and_outlive_their_bootst
     try:
         boot, addr = procs.bootstrap(host=wan.addrs[0], netns=wan.hosts[0])
         peers = [procs.peer(f"p{i}", addr, "--swarm.host", wan.addrs[i], "--model.n-embd", "64", "--model.n-layer", "1",
-                            "--sync.every-steps", "0", "--sync.every-seconds", "3", "--sync.matchmaking-window", "10",
+                            "--sync.every-steps", "0", "--sync.every-seconds", "3", "--sync.matchmaking.window", "10",
                             netns=wan.hosts[i]) for i in (1, 2, 3)]
         for p in peers:  # (the first rounds may be of 2: the peers start one after another)
             wait_for(lambda p=p: len(re.findall(r"complete: 3 peers", procs.log(p))) >= 3, 240, "3 rounds of 3 peers", p)

@@ -14,8 +14,8 @@ from .conftest import FAST_PEER, NEEDS_NETNS, Wan, wait_for
 pytestmark = NEEDS_NETNS
 
 MODEL = ["--model.n-embd", "384", "--model.n-layer", "2", "--data.batch-size", "4",
-         "--sync.every-steps", "0", "--sync.every-seconds", "3", "--sync.matchmaking-window", "10",
-         "--sync.allreduce-timeout", "30"]
+         "--sync.every-steps", "0", "--sync.every-seconds", "3", "--sync.matchmaking.window", "10",
+         "--sync.allreduce.timeout", "30"]
 
 
 @pytest.mark.timeout(500)

@@ -37,7 +37,7 @@ def test_a_left_out_peers_samples_reach_a_later_average():
             model.load_state_dict(init)
             opt = torch.optim.SGD(model.parameters(), lr=0.05)
             cfg = PeerConfig(swarm=SwarmConfig(run_id="no-discard", initial_peers=addr, host="127.0.0.1"),
-                             sync=SyncConfig(every_steps=10, matchmaking_window=1.0, allreduce_timeout=20))
+                             sync=SyncConfig(every_steps=10, matchmaking={"window": 1.0}, allreduce={"timeout": 20}))
             gen = torch.Generator().manual_seed(100 + i)
             with Peer(model, opt, cfg) as peer:
                 started.wait()

@@ -138,18 +138,17 @@ def test_shape_mismatch_raises(theta_shape, delta_shape):
 @pytest.mark.parametrize("kw", [
     {"lr": 0.0}, {"lr": -0.1}, {"lr": math.nan},
     {"momentum": 1.0}, {"momentum": 1.5}, {"momentum": -0.1}, {"momentum": math.nan},
-    {"warmup": -1}, {"warmup": 2.5}, {"warmup": True},
+    {"warmup": -1}, {"warmup": 2.5}, {"lr": "fast"}, {"nesterov": "maybe"},
 ])
 def test_outer_config_validation(kw):
     with pytest.raises(ValueError):
         OuterConfig(**kw)
 
 
-def test_outer_config_defaults_and_keyword_only():
+def test_outer_config_defaults():
     cfg = OuterConfig()
-    assert (cfg.lr, cfg.momentum, cfg.nesterov) == (0.7, 0.9, True)
-    with pytest.raises(TypeError):
-        OuterConfig(0.7, 0.9)  # type: ignore[misc]
+    assert (cfg.lr, cfg.momentum, cfg.nesterov, cfg.warmup) == (None, None, True, 4)  # None: the codec's default
+    assert (cfg.resolved().lr, cfg.resolved().momentum) == (0.7, 0.9)
 
 
 # ---------------------------------------------------------------- OuterOptimizer
@@ -266,10 +265,11 @@ def test_sparse_codec_defaults_to_plain_averaging_and_explicit_settings_win():
     sets is never replaced."""
     from peer.config import SyncConfig
 
-    assert SyncConfig(compression="sparse").outer() == OuterConfig(lr=1.0, momentum=0.0, nesterov=False, warmup=4)
-    assert SyncConfig(compression="int8").outer() == OuterConfig(lr=0.7, momentum=0.9, nesterov=True, warmup=4)
-    assert SyncConfig(compression="sparse", outer_lr=0.7, outer_momentum=0.9).outer() == OuterConfig(warmup=4)
-    assert SyncConfig(outer_warmup=0).outer() == OuterConfig()  # the peer's default warms up; the pure step does not
+    assert SyncConfig(codec={"name": "sparse"}).outer == OuterConfig(lr=1.0, momentum=0.0, nesterov=False, warmup=4)
+    assert SyncConfig(codec={"name": "int8"}).outer == OuterConfig(lr=0.7, momentum=0.9, nesterov=True, warmup=4)
+    assert SyncConfig(codec={"name": "sparse"}, outer={"lr": 0.7, "momentum": 0.9}).outer == OuterConfig().resolved()
+    assert SyncConfig(codec={"name": "sparse"}, outer={"lr": 0.5}).outer == OuterConfig(lr=0.5, momentum=0.0)
+    assert OuterConfig().resolved("sparse") == OuterConfig(lr=1.0, momentum=0.0)  # the table lives in OuterConfig
 
 
 def test_outer_warmup_ramps_the_momentum_and_starts_as_plain_mean_descent():
@@ -285,4 +285,5 @@ def test_outer_warmup_ramps_the_momentum_and_starts_as_plain_mean_descent():
     assert torch.allclose(b2, 1.45 * d) and torch.allclose(t2, t1 - 0.7 * (d + 0.45 * b2))
     full = OuterConfig(lr=0.7, momentum=0.9)
     assert torch.equal(outer_step(t2, d, b2, cfg, step=4)[0], outer_step(t2, d, b2, full)[0])
-    assert cfg.momentum_at(10**9) == 0.9 and OuterConfig().momentum_at(0) == 0.9  # no warm-up by default
+    assert cfg.momentum_at(10**9) == 0.9 and OuterConfig(warmup=0).momentum_at(0) == 0.9
+    assert OuterConfig().momentum_at(0) == 0.0  # warm-up over 4 outer steps by default

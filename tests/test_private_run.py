@@ -13,6 +13,7 @@ from torch import nn
 from averaging.access import SecretValidator, generate_secret_file, load_secret_file
 from averaging.allreduce import weighted_allreduce
 from averaging.averager import Averager, AveragerConfig
+from averaging.config import AllReduceConfig
 from averaging.dht import SwarmDHT
 from averaging.errors import AccessError, StateError
 from averaging.matchmaking import Group, MatchmakingConfig
@@ -110,7 +111,7 @@ def test_private_swarm_trains_and_refuses_outsiders(secrets):
             model.load_state_dict(init)
             cfg = PeerConfig(swarm=SwarmConfig(run_id=RUN, initial_peers=boot.visible_maddrs(), host="127.0.0.1",
                                                secret_file=secret_file),
-                             sync=SyncConfig(every_steps=10, matchmaking_window=8, allreduce_timeout=20))
+                             sync=SyncConfig(every_steps=10, matchmaking={"window": 8}, allreduce={"timeout": 20}))
             g = torch.Generator().manual_seed(hash(name) % 1000)
             with Peer(model, torch.optim.SGD(model.parameters(), lr=0.05), cfg) as peer:
                 while peer.local_step < steps and not (secret_file == str(good) and peer.round >= 3):
@@ -163,7 +164,7 @@ def averagers(nodes: list[tuple[str | None, object, object]]) -> Iterator[tuple[
             d = SwarmDHT.start(RUN, initial_peers=dhts[0].visible_maddrs() if dhts else (),
                                host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=identity_path, secret=dht_cred)
             dhts.append(d)
-            cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", allreduce_timeout=20,
+            cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", allreduce=AllReduceConfig(timeout=20),
                                  matchmaking=MatchmakingConfig(window=6, join_timeout=3), secret=mm_cred)
             avgs.append(Averager(d, cfg))
         yield dhts, avgs

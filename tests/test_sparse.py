@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from averaging import Averager, AveragerConfig, MatchmakingConfig, SwarmDHT, sparse
+from averaging import AllReduceConfig, Averager, AveragerConfig, CodecConfig, MatchmakingConfig, SwarmDHT, sparse
 from averaging.allreduce import ring_bytes
 from averaging.codecs import ErrorFeedback, get_codec
 from averaging.faults import WIRE_MODES, Tamper
@@ -96,7 +96,7 @@ def test_a_sparse_round_agrees_exactly_and_drops_forged_messages():
     boot = SwarmDHT.start(run, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     dhts = [SwarmDHT.start(run, initial_peers=boot.visible_maddrs()[:1], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
             for _ in range(4)]
-    cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", codec="sparse", allreduce_timeout=30,
+    cfg = AveragerConfig(listen_host="127.0.0.1", announce_host="127.0.0.1", codec=CodecConfig(name="sparse"), allreduce=AllReduceConfig(timeout=30),
                          matchmaking=MatchmakingConfig(window=10))  # (the refused forger retries alone for a window)
     P = 50_000
     deltas = [torch.randn(P, generator=torch.Generator().manual_seed(i)) for i in range(4)]

@@ -66,8 +66,8 @@ class Variant:
     outer_lr: float = 0.7
     momentum: float = 0.9
     codec: str = "fp32"
-    ef_decay: float = 1.0  # --sync.error-feedback-decay (lossy codecs)
-    warmup: int = 0  # --sync.outer-warmup: outer steps over which the outer momentum ramps up
+    ef_decay: float = 1.0  # --sync.codec.error-feedback-decay (lossy codecs)
+    warmup: int = 0  # --sync.outer.warmup: outer steps over which the outer momentum ramps up
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -269,15 +269,15 @@ def swarm_peer_args(variant: Variant, setup: Setup, seed: int, rank: int) -> lis
         "--data.batch-size", str(setup.batch_size), "--data.max-bytes", str(setup.max_bytes),
         "--data.shard", f"{rank}/{setup.peers}",
         "--sync.every-steps", str(variant.every), "--sync.every-seconds", str(variant.every_seconds),
-        "--sync.outer-lr", str(variant.outer_lr),
-        "--sync.outer-momentum", str(variant.momentum), "--sync.compression", variant.codec,
-        "--sync.error-feedback-decay", str(variant.ef_decay), "--sync.outer-warmup", str(variant.warmup),
+        "--sync.outer.lr", str(variant.outer_lr),
+        "--sync.outer.momentum", str(variant.momentum), "--sync.codec.name", variant.codec,
+        "--sync.codec.error-feedback-decay", str(variant.ef_decay), "--sync.outer.warmup", str(variant.warmup),
         # Every round waits for all workers, so each outer step averages exactly `peers` workers.
-        "--sync.min-group-size", str(setup.peers), "--sync.matchmaking-window", "60",
+        "--sync.matchmaking.min-group-size", str(setup.peers), "--sync.matchmaking.window", "60",
         "--log.format", "text", *setup.model,
     ]
     if variant.momentum == 0:
-        args.append("--sync.no-nesterov")
+        args.append("--no-sync.outer.nesterov")
     return args
 
 

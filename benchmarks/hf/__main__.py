@@ -86,7 +86,7 @@ def swarm(preset: str, vocab: int, data: str, a: argparse.Namespace, work: Path)
                  "--data.source", "shards", "--data.paths", data, "--data.batch-size", str(a.batch),
                  "--data.shard", f"{i}/{a.peers}", "--train.threads", "1", "--train.eval-batches", "2",
                  "--train.eval-every-rounds", "1000", "--sync.every-steps", str(a.every_steps),
-                 "--sync.matchmaking-window", "120", "--sync.allreduce-timeout", "300", "--train.max-rounds", str(a.rounds),
+                 "--sync.matchmaking.window", "120", "--sync.allreduce.timeout", "300", "--train.max-rounds", str(a.rounds),
                  "--train.summary-file", str(summary), "--log-format", "text"],
                 cwd=REPO, stdout=open(work / f"{preset}-p{i}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)))
         for summary, p in peers:

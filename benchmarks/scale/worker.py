@@ -73,8 +73,7 @@ def main() -> None:
     from peer import Peer, PeerConfig, SwarmConfig, SyncConfig
 
     pcfg = PeerConfig(swarm=SwarmConfig(run_id="scale-bench", initial_peers=[a.join], host="127.0.0.1"),
-                      sync=SyncConfig(every_steps=a.every_steps, matchmaking_window=60, allreduce_timeout=300,
-                                      join_timeout=15))
+                      sync=SyncConfig(every_steps=a.every_steps, matchmaking={"window": 60, "join_timeout": 15}, allreduce={"timeout": 300}))
     proc = psutil.Process()
     t0 = time.monotonic()
     with Peer(model, opt, pcfg) as peer:

@@ -44,8 +44,9 @@ def main() -> None:
     w_true = torch.randn(32, 1, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.SGD(model.parameters(), lr=0.02)
     cfg = PeerConfig(swarm=SwarmConfig(run_id=a.run_id, initial_peers=[a.join], host="127.0.0.1"),
-                     sync=SyncConfig(every_steps=a.every_steps, every_seconds=a.every_seconds, max_group_size=a.max_group,
-                                     matchmaking_window=a.window, allreduce_timeout=20,
+                     sync=SyncConfig(every_steps=a.every_steps, every_seconds=a.every_seconds,
+                                     matchmaking={"max_group_size": a.max_group, "window": a.window},
+                                     allreduce={"timeout": 20},
                                      **({} if a.max_stale is None else {"max_stale_rounds": a.max_stale})))
     gen = torch.Generator().manual_seed(100 + a.seed)
     with Peer(model, opt, cfg) as peer:

@@ -107,8 +107,8 @@ def run_variant(v: Variant, n: int, rounds: int, every: int, work: Path) -> dict
         for i in range(1, n + 1):  # every peer knows only the bootstrap node (see docs/operations.md)
             logs.append(spawn(i, f"peer{i}", [
                 "-m", "peer", "--join", join, "--swarm.host", netns.host_addr(i), "--train.threads", "1", *MODEL,
-                "--sync.every-steps", str(every), "--train.max-rounds", str(rounds), "--sync.matchmaking-window", "30",
-                "--sync.allreduce-timeout", "60", "--sync.compression", v.codec, "--data.max-bytes", "2000000",
+                "--sync.every-steps", str(every), "--train.max-rounds", str(rounds), "--sync.matchmaking.window", "30",
+                "--sync.allreduce.timeout", "60", "--sync.codec.name", v.codec, "--data.max-bytes", "2000000",
                 "--train.eval-batches", "4", "--train.summary-file", str(work / f"peer{i}.json"), "--train.seed", "0",
                 "--sync.fragments", str(v.fragments), *(["--sync.overlap"] if v.overlap else [])]))
         for p in procs[1:]:

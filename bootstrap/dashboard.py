@@ -20,6 +20,7 @@ script and stylesheet (no inline code) backs that up.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from averaging.errors import NetworkError
+from peer.loop import PeerLoop
 
 log = logging.getLogger("swarmtrain.bootstrap.dashboard")
 
@@ -103,7 +105,8 @@ class _MonitorCollector(Collector):
 
 
 class Dashboard:
-    """Serves the dashboard from one daemon thread that owns its own asyncio event loop.
+    """Serves the dashboard on an event loop of its own (a PeerLoop: one thread, which the
+    dashboard owns and closes).
 
     `start()` returns once the port is bound; `close()` stops everything. A Dashboard is started
     at most once. Also usable as a context manager (`with Dashboard(...) as d:`).
@@ -115,10 +118,8 @@ class Dashboard:
         self._registry = CollectorRegistry(auto_describe=False)   # private: never mixes with the process's metrics
         self._registry.register(_MonitorCollector(monitor))
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="swarmtrain-dashboard-monitor")
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: PeerLoop | None = None
         self._runner: web.AppRunner | None = None
-        self._start_error: BaseException | None = None
         self._bound_port: int | None = None
         self._close_lock = threading.Lock()
         self._closed = False
@@ -131,45 +132,39 @@ class Dashboard:
         Raises NetworkError (one-line message) if the address cannot be bound, e.g. the port is
         in use; nothing is left running then. Raises RuntimeError if called twice.
         """
-        if self._thread is not None or self._closed:
+        if self._loop is not None or self._closed:
             raise RuntimeError("Dashboard.start() may be called only once")
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(ready,), name="swarmtrain-dashboard", daemon=True)
-        self._thread.start()
-        if not ready.wait(START_TIMEOUT_S):
-            self.close()
-            raise NetworkError(f"dashboard: could not start on {self._host}:{self._port} within {START_TIMEOUT_S:.0f} s")
-        if self._start_error is not None:
-            err = self._start_error
+        self._loop = PeerLoop("dashboard").start()
+        try:
+            self._bound_port = self._loop.call(self._open(), "dashboard start", timeout=START_TIMEOUT_S)
+        except Exception as err:  # OSError when the port is taken; a wedged loop times out; anything else too
             self.close()
             # asyncio's bind error repeats the address in its text; the errno's own words are enough.
             errno = getattr(err, "errno", None)
-            reason = os.strerror(errno) if errno else (str(err) or type(err).__name__)
+            timed_out = isinstance(err, (TimeoutError, concurrent.futures.TimeoutError))
+            reason = (os.strerror(errno) if errno else f"not started within {START_TIMEOUT_S:.0f} s" if timed_out
+                      else str(err) or type(err).__name__)
             raise NetworkError(f"dashboard: cannot listen on {self._host}:{self._port}: {reason}".replace("\n", " ")) from err
-        assert self._bound_port is not None
         log.info("dashboard at %s", self.url)
         return self._bound_port
 
     def close(self) -> None:
-        """Stop serving and join the thread. Idempotent; safe before start().
+        """Stop serving and the loop. Idempotent; safe before start().
 
-        In-flight requests get SHUTDOWN_GRACE_S to finish. Bounded: if the thread has not ended
-        after CLOSE_TIMEOUT_S (a monitor call hung), it is logged and left behind (it is a daemon).
+        In-flight requests get SHUTDOWN_GRACE_S to finish; the loop's tasks are then cancelled
+        and waited for at most CLOSE_TIMEOUT_S (a monitor call that hangs is left behind).
         """
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-        loop, thread = self._loop, self._thread
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(loop.stop)
-            except RuntimeError:   # the loop already closed itself (failed start)
-                pass
-        if thread is not None:
-            thread.join(CLOSE_TIMEOUT_S)
-            if thread.is_alive():
-                log.warning("dashboard: server thread did not stop within %.0f s", CLOSE_TIMEOUT_S)
+        if self._loop is not None:
+            if self._runner is not None:
+                try:
+                    self._loop.call(self._runner.cleanup(), "dashboard stop", timeout=CLOSE_TIMEOUT_S)
+                except Exception as e:  # a request that outlives the grace period: the loop's close cancels it
+                    log.warning("dashboard: did not stop cleanly: %s: %s", type(e).__name__, e)
+            self._loop.close(timeout=CLOSE_TIMEOUT_S)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "Dashboard":
@@ -192,41 +187,10 @@ class Dashboard:
             host = f"[{host}]"
         return f"http://{host}:{self.port}/"
 
-    # ---- the server thread ----
+    # ---- on the loop ----
 
-    def _serve(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._open())
-            except BaseException as e:   # OSError when the port is taken; anything else is reported too
-                self._start_error = e
-                # Clean up before start() returns: once it has, the owner may call close(),
-                # whose loop.stop() would cut this cleanup short.
-                self._shutdown(loop)
-                return
-            ready.set()
-            loop.run_forever()   # until close() calls loop.stop()
-            self._shutdown(loop)
-        finally:
-            ready.set()
-            loop.close()
-
-    def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            if self._runner is not None:
-                loop.run_until_complete(self._runner.cleanup())
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        except Exception:
-            log.exception("dashboard: error while shutting down")
-
-    async def _open(self) -> None:
+    async def _open(self) -> int:
+        """Serve; the bound port."""
         app = web.Application()
         app.add_routes([
             web.get("/", self._page),
@@ -242,7 +206,7 @@ class Dashboard:
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
         await self._runner.setup()
         await web.TCPSite(self._runner, self._host, self._port).start()
-        self._bound_port = int(self._runner.addresses[0][1])
+        return int(self._runner.addresses[0][1])
 
     # ---- handlers ----
 

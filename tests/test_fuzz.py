@@ -274,9 +274,9 @@ def to_toml(tree: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_load(cls: type, path: object, overrides: dict) -> None:
+def _check_load(cls: type, path: object, overrides: dict, environ: dict | None = None) -> None:
     try:
-        cfg = config_settings.load(cls, path=path, flags=overrides, environ={})
+        cfg = config_settings.load(cls, path=path, flags=overrides, environ=environ or {})
     except ConfigError as e:
         _one_line(e)
         event("ConfigError")
@@ -318,6 +318,29 @@ def test_config_load_structured(tmp_path, cls, data):
         path = tmp_path / "fuzz.toml"
         path.write_text(to_toml(file_tree), encoding="utf-8")
     _check_load(cls, path, overrides)
+
+
+@pytest.mark.parametrize("cls, prefix", [(RunConfig, "SWARMTRAIN_"), (BootstrapConfig, "SWARMTRAIN_BOOTSTRAP_")],
+                         ids=["RunConfig", "BootstrapConfig"])
+@fuzz(100)
+@given(data=st.data())
+def test_config_load_random_environment(cls, prefix, data):
+    """settings.load(cls, environ=<variables named after real and made-up keys, with tricky
+    values, lists and tables as (broken) JSON>): the config, or ConfigError (one line)."""
+    names = [f"{prefix}{'__'.join(k.split('.')).upper()}" for k in _dotted(cls)]
+    name = st.sampled_from(names) | KEY_TEXT.map(lambda k: prefix + k.upper())
+    value = TRICKY | TEXT | st.sampled_from(['["a"]', "[1, 2]", '{"every_steps": 5}', "{", "[", "null", '{"x": 1}'])
+    environ = data.draw(st.dictionaries(name, value, max_size=4), label="environ")
+    _check_load(cls, None, {}, environ=environ)
+
+
+def _dotted(cls: type) -> list[str]:
+    """Every leaf key of `cls`, dotted (sync.matchmaking.window)."""
+    return [k for k, _ in _flat(config_settings.to_dict(cls()))]
+
+
+def _flat(tree: dict, prefix: str = "") -> list:
+    return [kv for k, v in tree.items() for kv in (_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)])]
 
 
 @fuzz(100)

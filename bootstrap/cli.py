@@ -23,7 +23,7 @@ def parse(argv: list[str] | None) -> BootstrapConfig:
     flags = settings.Flags(p, BootstrapConfig)
     ns = flags.parse(sys.argv[1:] if argv is None else argv)
     return settings.load(BootstrapConfig, path=ns.config, flags=flags.values(ns), env_prefix=ENV_PREFIX,
-                         note=lambda msg: print(f"swarm-bootstrap: note: {msg}", file=sys.stderr))
+                         note=flags.note)
 
 
 def keygen(argv: list[str]) -> int:

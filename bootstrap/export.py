@@ -16,7 +16,6 @@ gives the swarm's logits (tests/test_hf.py compares them).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -99,21 +98,19 @@ def _export_gpt(model: torch.nn.Module, out: str | Path, tokenizer: str | Path |
     return export_pretrained(wrapped, flatten_params(wrapped.parameters()), out, tokenizer_file=tokenizer)
 
 
-def parser() -> tuple[argparse.ArgumentParser, Flags]:
-    """The parser, and its --model.* flags (those of ModelConfig)."""
-
+def parser() -> Flags:
+    """The command's flags: its own, and ModelConfig's as --model.* (`.parser` is the argparse parser)."""
     p = OneLineParser(prog="swarm-bootstrap export", allow_abbrev=False,
                       description="Write the swarm's model (from a checkpoint) as a Hugging Face folder that "
-                                  "AutoModelForCausalLM.from_pretrained loads.",
-                      )
+                                  "AutoModelForCausalLM.from_pretrained loads.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint file, or a folder (its newest checkpoint)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     p.add_argument("--tokenizer", help="tokenizer.json to put beside the model (e.g. the shard folder's)")
-    return p, Flags(p, ModelConfig, prefix="model")
+    return Flags(p, ModelConfig, prefix="model")
 
 
 def main(argv: list[str]) -> int:
-    p, flags = parser()
+    flags = parser()
     ns = flags.parse(argv)
     given = flags.values(ns).get("model")
     from averaging.errors import SwarmError

@@ -35,8 +35,7 @@ def parse(argv: list[str] | None) -> RunConfig:
         given.setdefault("checkpoint", {})["resume"] = True
     if ns.log_format:
         given.setdefault("log", {})["format"] = ns.log_format
-    cfg = settings.load(RunConfig, path=ns.config, flags=given,
-                        note=lambda msg: print(f"swarm-peer: note: {msg}", file=sys.stderr))
+    cfg = settings.load(RunConfig, path=ns.config, flags=given, note=flags.note)
     if ns.print_config:
         print(settings.dump_toml(cfg))
         sys.exit(0)

@@ -112,14 +112,17 @@ class Flags:
     ModelConfig with prefix "model")."""
 
     def __init__(self, parser: argparse.ArgumentParser, cls: type, *, prefix: str = "") -> None:
-        self.parser, self.cls = parser, cls
+        self.parser = parser
         self._source = CliSettingsSource(_settings_class(cls, prefix), root_parser=parser)
         self._known = {o for a in parser._actions for o in a.option_strings}
 
+    def note(self, msg: str) -> None:
+        """A renamed key's note, as this command prints it (`load(..., note=flags.note)`)."""
+        print(f"{self.parser.prog}: note: {msg}", file=sys.stderr)
+
     def parse(self, argv: list[str], *, note: Callable[[str], None] | None = None) -> argparse.Namespace:
         """Parse argv (exit 2 with one line on an unknown flag), renamed flags accepted with a note."""
-        note = note or (lambda msg: print(f"{self.parser.prog}: note: {msg}", file=sys.stderr))
-        return self.parser.parse_args(_upgrade_argv(list(argv), self._known, note))
+        return self.parser.parse_args(_upgrade_argv(list(argv), self._known, note or self.note))
 
     def values(self, ns: argparse.Namespace) -> dict[str, Any]:
         """The flags actually given, as a nested dict shaped like the TOML (values as strings)."""

@@ -272,7 +272,7 @@ def _parse_check(cmd: str, doc: Path, tmp: Path, monkeypatch) -> str | None:
             return None
         if head == "swarm-bootstrap" and rest[:1] == ["export"]:
             from bootstrap.export import parser as export_parser
-            export_parser()[1].parse(rest[1:])
+            export_parser().parse(rest[1:])
             return None
         if head == "swarm-peer":
             try:
